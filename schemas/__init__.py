@@ -1,0 +1,1 @@
+"""Contracts shared by every FIRST service: messages, stream records and names."""

@@ -1,0 +1,86 @@
+"""Messages on the broker: commands (imperative) and events (past tense).
+
+Rules (STYLE.md): frozen, keyword-only, tagged; a message changes only by appending
+fields with defaults; a breaking change is a new tag.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from schemas.names import Priority
+
+Endpoint = Literal["chat.completions", "completions", "embeddings"]
+ModelState = Literal["cold", "starting", "hot", "draining"]
+Outcome = Literal["completed", "cancelled", "failed"]
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every broker message; the class name is the tag."""
+
+
+class RunInference(Message, tag=True, kw_only=True):
+    """Run one OpenAI request on a site and stream its records to `stream_key(request_id)`.
+
+    `body` is the client's JSON body as validated at the edge; `expires_at` (epoch seconds)
+    is when the gateway stops waiting, so nobody should start it after that.
+    """
+
+    request_id: str
+    user_id: str
+    username: str
+    groups: tuple[str, ...] = ()
+    model: str
+    endpoint: Endpoint
+    priority: Priority = "interactive"
+    stream: bool = False
+    include_usage: bool = False
+    body: bytes
+    created_at: float
+    expires_at: float
+    site_id: str = ""
+
+
+class UsageRecorded(Message, tag=True, kw_only=True):
+    """Tokens delivered for one request; the ledger keeps one row per request_id."""
+
+    request_id: str
+    user_id: str
+    username: str
+    model: str
+    site_id: str
+    endpoint: Endpoint
+    priority: Priority = "interactive"
+    prompt_tokens: int
+    completion_tokens: int
+    outcome: Outcome
+    created_at: float
+    finished_at: float
+
+
+class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One model's state on one site, read from its vLLM instances' /metrics."""
+
+    model: str
+    state: ModelState
+    instances: int
+    running: int
+    waiting: int
+    capacity: int
+    kv_cache_usage: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+class SiteHeartbeat(Message, tag=True, kw_only=True):
+    """A site agent's periodic statement of what it serves and how busy it is."""
+
+    site_id: str
+    agent_id: str
+    sent_at: float
+    interval_s: float
+    models: tuple[ModelStatus, ...] = ()
+
+
+AnyMessage = RunInference | UsageRecorded | SiteHeartbeat

@@ -1,0 +1,100 @@
+"""Every exchange, queue, routing key and Redis key of FIRST — and nowhere else.
+
+The topology (see DESIGN.md):
+
+    first.requests  (topic)  -> first.router.requests        gateway -> router
+    first.ingress   (topic)  -> first.router.ingress         producers -> router
+    first.sites     (topic)  -> first.site.<site>.<priority> router -> site agent
+    first.control   (topic)  -> first.site.<site>.control    router -> site agent
+    first.heartbeats (fanout)-> one exclusive queue per router replica
+    first.usage     (topic)  -> first.accounting.usage       site agents -> accounting
+    first.dead      (fanout) -> first.dead                   RabbitMQ (dead letters)
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+Priority = Literal["interactive", "batch"]
+PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "batch")
+
+# Exchanges
+REQUESTS_EXCHANGE: Final = "first.requests"
+INGRESS_EXCHANGE: Final = "first.ingress"
+SITES_EXCHANGE: Final = "first.sites"
+CONTROL_EXCHANGE: Final = "first.control"
+HEARTBEATS_EXCHANGE: Final = "first.heartbeats"
+USAGE_EXCHANGE: Final = "first.usage"
+DEAD_EXCHANGE: Final = "first.dead"
+
+# Queues
+ROUTER_REQUESTS_QUEUE: Final = "first.router.requests"
+ROUTER_INGRESS_QUEUE: Final = "first.router.ingress"
+ACCOUNTING_USAGE_QUEUE: Final = "first.accounting.usage"
+DEAD_QUEUE: Final = "first.dead"
+
+# Routing keys
+REQUEST_ROUTING_KEY: Final = "request.new"
+USAGE_ROUTING_KEY: Final = "usage.recorded"
+
+
+def site_queue(site_id: str, priority: Priority) -> str:
+    """Return the queue a site agent consumes for one priority."""
+    return f"first.site.{site_id}.{priority}"
+
+
+def site_routing_key(site_id: str, priority: Priority) -> str:
+    """Return the routing key that reaches `site_queue(site_id, priority)`."""
+    return f"site.{site_id}.{priority}"
+
+
+def site_control_queue(site_id: str) -> str:
+    """Return the queue of control commands (StartModel, StopModel) for one site."""
+    return f"first.site.{site_id}.control"
+
+
+def site_control_routing_key(site_id: str) -> str:
+    """Return the routing key that reaches `site_control_queue(site_id)`."""
+    return f"control.{site_id}"
+
+
+def heartbeat_queue(router_instance: str) -> str:
+    """Return the exclusive heartbeat queue of one router replica."""
+    return f"first.router.heartbeats.{router_instance}"
+
+
+# Redis keys
+def stream_key(request_id: str) -> str:
+    """Return the Redis stream that carries one request's records to its reader."""
+    return f"first:stream:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    """Return the key the gateway sets when a request's client went away."""
+    return f"first:cancel:{request_id}"
+
+
+CANCEL_CHANNEL: Final = "first:cancel"
+
+
+def claim_key(request_id: str) -> str:
+    """Return the key a site agent takes (SET NX) before it generates a request."""
+    return f"first:claim:{request_id}"
+
+
+REGISTRY_KEY: Final = "first:registry"
+"""Hash site_id -> msgpack SiteHeartbeat, mirrored by the router for gateways to read."""
+
+
+def wake_key(reader_id: str) -> str:
+    """Return the stream that wakes a gateway's multiplexed reader when a request joins."""
+    return f"first:wake:{reader_id}"
+
+
+def apikey_cache_key(key_hash: str) -> str:
+    """Return the Redis cache entry of one API key (by its hash, never the key)."""
+    return f"first:apikey:{key_hash}"
+
+
+# Stream record fields
+RECORD_FIELD: Final = b"r"

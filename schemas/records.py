@@ -1,0 +1,64 @@
+"""Records of a request's Redis stream, written by the site agent and read by the gateway.
+
+A stream holds, in order: zero or more `Chunk`s (streaming) or one `Response`
+(non-streaming) or one `Failure`, and always ends with exactly one `Final`.
+A redelivered request whose stream already has a `Final` is not generated again.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from schemas.messages import Outcome
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """An error in OpenAI's shape, with the HTTP status it maps to."""
+
+    status: int
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Token counts as the backend reported them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of stream records."""
+
+
+class Chunk(Record, tag=True, kw_only=True):
+    """One SSE event's JSON payload, exactly as the backend sent it."""
+
+    data: bytes
+
+
+class Response(Record, tag=True, kw_only=True):
+    """A whole non-streamed response body with its HTTP status."""
+
+    status: int
+    body: bytes
+
+
+class Failure(Record, tag=True, kw_only=True):
+    """The request failed; before any chunk this becomes the HTTP status, after it an SSE error."""
+
+    error: ErrorInfo
+
+
+class Final(Record, tag=True, kw_only=True):
+    """The last record: what was delivered and billed."""
+
+    outcome: Outcome
+    usage: Usage
+    site_id: str
+    finished_at: float
+
+
+AnyRecord = Chunk | Response | Failure | Final

@@ -1,0 +1,83 @@
+"""Broker factory and the one way every service publishes a message."""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+import msgspec
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from faststream.exceptions import IncorrectState
+from faststream.rabbit import RabbitBroker, RabbitExchange
+from faststream.rabbit.message import RabbitMessage
+from faststream.rabbit.schemas import Channel
+
+from schemas.codec import encode
+from schemas.messages import Message
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/msgpack"
+
+PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
+    AMQPError,
+    ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    IncorrectState,
+)
+"""What `publish` raises when a message was not confirmed (no route, nack, timeout, no link)."""
+
+T = TypeVar("T")
+
+
+async def decode_or_reject(msg: RabbitMessage, decoder: msgspec.msgpack.Decoder[T]) -> T | None:
+    """Decode a delivery; a poison one is rejected once (to the dead-letter exchange) -> None."""
+    try:
+        return decoder.decode(msg.body)
+    except msgspec.DecodeError as exc:
+        logger.warning(
+            "rejecting undecodable message (type=%s, id=%s, %d bytes): %s",
+            msg.raw_message.type,
+            msg.message_id,
+            len(msg.body),
+            exc,
+        )
+        await msg.reject(requeue=False)
+        return None
+
+
+def make_broker(url: str, *, prefetch: int = 64) -> RabbitBroker:
+    """Return an unconnected broker whose consumers take at most `prefetch` unacked messages."""
+    return RabbitBroker(
+        url,
+        default_channel=Channel(prefetch_count=prefetch, on_return_raises=True),
+        logger=None,
+    )
+
+
+async def publish(
+    broker: RabbitBroker,
+    message: Message,
+    *,
+    exchange: RabbitExchange,
+    routing_key: str,
+    timeout: float,
+    message_id: str | None = None,
+) -> None:
+    """Publish persistently and wait (bounded) for the broker's confirm.
+
+    Raises if no queue is bound (mandatory), the broker nacks, or the confirm times out.
+    """
+    await broker.publish(
+        encode(message),
+        exchange=exchange,
+        routing_key=routing_key,
+        persist=True,
+        mandatory=True,
+        timeout=timeout,
+        content_type=CONTENT_TYPE,
+        message_id=message_id,
+        message_type=type(message).__name__,
+    )

@@ -1,0 +1,82 @@
+"""RabbitMQ topology: every exchange and queue declared once, with the same arguments everywhere.
+
+RabbitMQ refuses to redeclare a queue with other arguments, so these objects are the only
+place the arguments live; services declare what they publish to and consume from at start.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from faststream.rabbit import ExchangeType, QueueType, RabbitBroker, RabbitExchange, RabbitQueue
+
+from schemas import names
+
+DELIVERY_LIMIT: Final = 5
+"""Redeliveries before a quorum queue dead-letters a message (poison or crash loops)."""
+
+_SOURCE_ARGS: Final[dict[str, Any]] = {
+    "x-dead-letter-exchange": names.DEAD_EXCHANGE,
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+    "x-delivery-limit": DELIVERY_LIMIT,
+}
+
+
+def _topic(name: str) -> RabbitExchange:
+    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True)
+
+
+REQUESTS = _topic(names.REQUESTS_EXCHANGE)
+INGRESS = _topic(names.INGRESS_EXCHANGE)
+SITES = _topic(names.SITES_EXCHANGE)
+CONTROL = _topic(names.CONTROL_EXCHANGE)
+USAGE = _topic(names.USAGE_EXCHANGE)
+HEARTBEATS = RabbitExchange(names.HEARTBEATS_EXCHANGE, type=ExchangeType.FANOUT, durable=True)
+DEAD = RabbitExchange(names.DEAD_EXCHANGE, type=ExchangeType.FANOUT, durable=True)
+
+
+def work_queue(name: str, *, declare: bool = True) -> RabbitQueue:
+    """Return a durable quorum queue that dead-letters to `first.dead`."""
+    return RabbitQueue(
+        name,
+        queue_type=QueueType.QUORUM,
+        durable=True,
+        declare=declare,
+        arguments=dict(_SOURCE_ARGS),  # type: ignore[arg-type]
+    )
+
+
+DEAD_QUEUE = RabbitQueue(names.DEAD_QUEUE, queue_type=QueueType.QUORUM, durable=True)
+ROUTER_REQUESTS = work_queue(names.ROUTER_REQUESTS_QUEUE)
+ACCOUNTING_USAGE = work_queue(names.ACCOUNTING_USAGE_QUEUE)
+
+# (exchange, queue, routing key) triples every service may rely on existing.
+_CORE_BINDINGS: Final = (
+    (DEAD, DEAD_QUEUE, ""),
+    (REQUESTS, ROUTER_REQUESTS, "request.#"),
+    (USAGE, ACCOUNTING_USAGE, "usage.#"),
+)
+
+
+def site_queues(site_id: str) -> list[tuple[RabbitExchange, RabbitQueue, str]]:
+    """Return the bindings of one site's work and control queues."""
+    out = [
+        (SITES, work_queue(names.site_queue(site_id, p)), names.site_routing_key(site_id, p))
+        for p in names.PRIORITIES
+    ]
+    control = work_queue(names.site_control_queue(site_id))
+    out.append((CONTROL, control, names.site_control_routing_key(site_id)))
+    return out
+
+
+async def declare_topology(broker: RabbitBroker, *, site_id: str | None = None) -> None:
+    """Declare the core exchanges, queues and bindings (and one site's, if given)."""
+    for exchange in (REQUESTS, INGRESS, SITES, CONTROL, USAGE, HEARTBEATS, DEAD):
+        await broker.declare_exchange(exchange)
+    bindings = list(_CORE_BINDINGS)
+    if site_id is not None:
+        bindings.extend(site_queues(site_id))
+    for exchange, queue, routing_key in bindings:
+        declared = await broker.declare_queue(queue)
+        await declared.bind(exchange.name, routing_key=routing_key)

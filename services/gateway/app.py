@@ -1,0 +1,110 @@
+"""Build the gateway's FastAPI app from Settings (nothing connects at import)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
+
+from schemas.records import ErrorInfo
+from services.common.broker import make_broker
+from services.common.db import make_engine
+from services.common.http import add_ops_routes
+from services.common.redis import make_redis
+from services.common.topology import declare_topology
+from services.gateway import apikeys, metrics
+from services.gateway.auth import ApiKeyAuthenticator
+from services.gateway.errors import ApiError, error_response
+from services.gateway.inference import Gateway
+from services.gateway.registry import RegistryView
+from services.gateway.routes import router
+from services.gateway.settings import Settings
+from services.gateway.streams import StreamReader
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Return the gateway app; its lifespan connects to RabbitMQ, Redis and SQL."""
+    broker = make_broker(settings.rabbit_url)
+    redis = make_redis(settings.redis_url)
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await apikeys.create_schema(engine)
+        await broker.connect()
+        await declare_topology(broker)
+        reader = StreamReader(settings.redis_url, redis, settings.read_block_ms)
+        await reader.start()
+        app.state.gateway = Gateway(
+            settings=settings,
+            broker=broker,
+            redis=redis,
+            reader=reader,
+            registry=RegistryView(redis, settings.registry_cache_s),
+        )
+        app.state.authenticator = ApiKeyAuthenticator(engine, redis, settings.apikey_cache_ttl_s)
+        try:
+            yield
+        finally:
+            await reader.stop()
+            await broker.stop()
+            await redis.aclose()
+            await engine.dispose()
+
+    app = FastAPI(title="FIRST gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.include_router(router)
+    _add_error_handlers(app)
+
+    async def check_db() -> None:
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
+    async def check_broker() -> None:
+        if not await broker.ping(timeout=2.0):
+            raise ConnectionError("RabbitMQ unreachable")
+
+    add_ops_routes(app, {"rabbitmq": check_broker, "redis": redis.ping, "database": check_db})
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        metrics.REQUESTS.labels(request.url.path, str(exc.status)).inc()
+        return error_response(exc.info(), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        info = ErrorInfo(status=400, message=str(first.get("msg", "Invalid request")), type="invalid_request_error", param=param)
+        return error_response(info)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        info = ErrorInfo(status=exc.status_code, message=str(exc.detail), type="invalid_request_error", code=code)
+        return error_response(info, dict(exc.headers or {}))
+
+    @app.exception_handler(RedisError)
+    async def redis_error(request: Request, exc: RedisError) -> JSONResponse:
+        logger.error("Redis unavailable: %s", exc)
+        info = ErrorInfo(status=503, message="The stream store is unavailable; retry later.", type="service_unavailable", code="redis_unavailable")
+        return error_response(info, {"retry-after": "1"})
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s", request.url.path)
+        info = ErrorInfo(status=500, message="Internal error; it has been logged.", type="server_error", code="internal_error")
+        return error_response(info)
+
+
+

@@ -1,0 +1,70 @@
+"""Who is calling: a bearer credential becomes a Principal (API keys now; Globus Auth later)."""
+
+from __future__ import annotations
+
+import msgspec
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from schemas import names
+from services.gateway import apikeys
+from services.gateway.errors import Unauthenticated
+
+
+class Principal(msgspec.Struct, frozen=True, kw_only=True):
+    """An authenticated caller, whatever the credential was."""
+
+    user_id: str
+    username: str
+    groups: tuple[str, ...] = ()
+    is_admin: bool = False
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Principal)
+
+
+def bearer_token(authorization: str | None) -> str:
+    """Return the token of an `Authorization: Bearer …` header or raise 401."""
+    if not authorization:
+        raise Unauthenticated(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            code="missing_api_key",
+        )
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated(
+            "Malformed Authorization header; use 'Authorization: Bearer YOUR_KEY'.",
+            code="invalid_api_key",
+        )
+    return token
+
+
+class ApiKeyAuthenticator:
+    """Resolve API keys through a Redis cache (by hash, bounded TTL) in front of SQL."""
+
+    def __init__(self, engine: AsyncEngine, redis: Redis, cache_ttl_s: float) -> None:
+        self._engine = engine
+        self._redis = redis
+        self._ttl_ms = max(1, int(cache_ttl_s * 1000))
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """Return the caller's Principal or raise Unauthenticated (401)."""
+        key_hash = apikeys.hash_key(bearer_token(authorization))
+        cache_key = names.apikey_cache_key(key_hash)
+        cached = await self._redis.get(cache_key)
+        if cached is not None:
+            return _decoder.decode(cached)
+        record = await apikeys.find_key(self._engine, key_hash)
+        if record is None:
+            raise Unauthenticated("Incorrect API key provided.", code="invalid_api_key")
+        principal = Principal(
+            user_id=record.user_id, username=record.username, is_admin=record.is_admin
+        )
+        await self._redis.set(cache_key, _encoder.encode(principal), px=self._ttl_ms)
+        return principal
+
+    async def forget(self, key_hash: str) -> None:
+        """Drop a key from the cache (after a revoke)."""
+        await self._redis.delete(names.apikey_cache_key(key_hash))

@@ -1,0 +1,79 @@
+"""HTTP routes of the OpenAI surface (thin: each delegates to the domain modules)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import Response
+
+from services.gateway.auth import ApiKeyAuthenticator, Principal
+from services.gateway.inference import Gateway, handle, model_not_found
+from services.gateway.registry import serving_sites
+
+router = APIRouter()
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def get_principal(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    authenticator: ApiKeyAuthenticator = request.app.state.authenticator
+    return await authenticator.authenticate(authorization)
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, gw: GatewayDep, principal: PrincipalDep) -> Response:
+    return await handle(gw, request, "chat.completions", principal)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, gw: GatewayDep, principal: PrincipalDep) -> Response:
+    return await handle(gw, request, "completions", principal)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, gw: GatewayDep, principal: PrincipalDep) -> Response:
+    return await handle(gw, request, "embeddings", principal)
+
+
+async def _served_models(gw: Gateway) -> list[dict[str, Any]]:
+    sites = await gw.registry.sites()
+    now = time.time()
+    out = []
+    for entry in gw.settings.models:
+        serving = serving_sites(sites, entry.name, now, gw.settings.site_ttl_s, entry.sites)
+        if serving:
+            out.append(
+                {
+                    "id": entry.name,
+                    "object": "model",
+                    "created": int(min(s.sent_at for s in serving)),
+                    "owned_by": entry.owned_by,
+                    "max_model_len": entry.context_length,
+                    "sites": sorted(s.site_id for s in serving),
+                }
+            )
+    return out
+
+
+@router.get("/v1/models")
+async def list_models(gw: GatewayDep, principal: PrincipalDep) -> dict[str, Any]:
+    return {"object": "list", "data": await _served_models(gw)}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, gw: GatewayDep, principal: PrincipalDep) -> dict[str, Any]:
+    for entry in await _served_models(gw):
+        if entry["id"] == model:
+            return entry
+    raise model_not_found(model)

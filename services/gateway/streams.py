@@ -1,0 +1,129 @@
+"""One multiplexed Redis reader per gateway process for every in-flight request's stream.
+
+A single XREAD BLOCK loop reads all subscribed `first:stream:<id>` keys and fans records out
+to per-request asyncio queues. A request that joins while the loop is blocked wakes it by
+XADDing to this reader's own wake stream, which the loop always reads too (by id, so a wake
+is never missed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from schemas import names
+from schemas.codec import DecodeError, record_decoder
+from schemas.records import AnyRecord, Final
+from services.common.ids import new_request_id
+from services.common.redis import make_redis
+
+logger = logging.getLogger(__name__)
+
+WAKE_MAXLEN = 100
+WAKE_TTL_S = 3600
+READ_COUNT = 256
+
+
+class Subscription:
+    """The records of one request, in order, as the reader delivers them."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.key = names.stream_key(request_id)
+        self.last_id = "0-0"
+        self.queue: asyncio.Queue[AnyRecord] = asyncio.Queue()
+
+    async def next(self, timeout: float) -> AnyRecord:
+        """Return the next record; raise TimeoutError after `timeout` seconds without one."""
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+
+class StreamReader:
+    """Owns the blocking connection and the read loop."""
+
+    def __init__(self, redis_url: str, commands: Redis, block_ms: int) -> None:
+        # The blocking client's socket timeout must exceed BLOCK (redis-py's default is 5 s).
+        self._blocking = make_redis(redis_url, socket_timeout=block_ms / 1000 + 5, max_connections=2)
+        self._commands = commands
+        self._block_ms = block_ms
+        self._wake_key = names.wake_key(new_request_id())
+        self._wake_last = f"{int(time.time() * 1000)}-0"
+        self._subs: dict[str, Subscription] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the read loop."""
+        self._task = asyncio.create_task(self._run(), name="stream-reader")
+
+    async def stop(self) -> None:
+        """Stop the loop and close the blocking connection."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._blocking.aclose()
+
+    async def subscribe(self, request_id: str) -> Subscription:
+        """Follow one request's stream until `unsubscribe` (or its Final record)."""
+        sub = Subscription(request_id)
+        self._subs[sub.key] = sub
+        try:
+            await self._wake()
+        except BaseException:
+            self.unsubscribe(sub)
+            raise
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Stop following a request's stream."""
+        self._subs.pop(sub.key, None)
+
+    async def _wake(self) -> None:
+        async with self._commands.pipeline(transaction=False) as pipe:
+            pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=WAKE_MAXLEN, approximate=True)
+            pipe.expire(self._wake_key, WAKE_TTL_S)
+            await pipe.execute()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            streams = {self._wake_key: self._wake_last}
+            streams.update({key: sub.last_id for key, sub in self._subs.items()})
+            try:
+                response = await self._blocking.xread(
+                    streams,  # type: ignore[arg-type]
+                    count=READ_COUNT,
+                    block=self._block_ms,
+                )
+            except RedisError:
+                logger.exception("stream reader: Redis read failed; retrying in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.1
+            for key, entries in response or []:
+                self._deliver(key.decode() if isinstance(key, bytes) else key, entries)
+
+    def _deliver(self, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        if key == self._wake_key:
+            self._wake_last = entries[-1][0].decode()
+            return
+        sub = self._subs.get(key)
+        if sub is None:
+            return
+        for entry_id, fields in entries:
+            sub.last_id = entry_id.decode()
+            try:
+                record = record_decoder.decode(fields[names.RECORD_FIELD])
+            except (KeyError, DecodeError):
+                logger.warning("stream reader: undecodable record %s in %s", sub.last_id, key)
+                continue
+            sub.queue.put_nowait(record)
+            if isinstance(record, Final):
+                self._subs.pop(key, None)
+                return
