@@ -28,7 +28,7 @@ DEFAULT_CATALOGUE = [
     CatalogueModel(
         name="all-minilm-l6-v2",
         owned_by="sentence-transformers",
-        context_length=512,
+        context_length=256,
         kind="embedding",
     ),
 ]
@@ -43,7 +43,9 @@ class Settings(CommonSettings):
     port: int = 8000
     database_url: str = Field(
         default=DEFAULT_DATABASE_URL,
-        validation_alias=AliasChoices("FIRST_GATEWAY_DATABASE_URL", "FIRST_ACCOUNTING_DATABASE_URL"),
+        validation_alias=AliasChoices(
+            "FIRST_GATEWAY_DATABASE_URL", "FIRST_ACCOUNTING_DATABASE_URL"
+        ),
     )
     models: list[CatalogueModel] = Field(default_factory=lambda: list(DEFAULT_CATALOGUE))
     max_body_bytes: int = 4 * 1024 * 1024
