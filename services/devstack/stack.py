@@ -36,7 +36,9 @@ def default_backends(chat_port: int = 8101, embed_port: int = 8102) -> list[Back
     base = models_dir()
     return [
         Backend(str(base / "smollm2-135m"), "smollm2-135m", chat_port),
-        Backend(str(base / "all-minilm-l6-v2"), "all-minilm-l6-v2", embed_port, ("--runner", "pooling")),
+        Backend(
+            str(base / "all-minilm-l6-v2"), "all-minilm-l6-v2", embed_port, ("--runner", "pooling")
+        ),
     ]
 
 
@@ -45,7 +47,13 @@ def start_backends(group: ProcessGroup, backends: list[Backend], timeout_s: floa
     procs = [
         group.start(
             f"vllm-{b.served_name}",
-            [str(REPO / "scripts" / "vllm-serve"), b.model_dir, b.served_name, str(b.port), *b.extra_args],
+            [
+                str(REPO / "scripts" / "vllm-serve"),
+                b.model_dir,
+                b.served_name,
+                str(b.port),
+                *b.extra_args,
+            ],
             dict(os.environ),
             f"{b.url}/health",
         )
@@ -109,7 +117,9 @@ def service_port(config: StackConfig, name: str) -> int:
     return ports[name]
 
 
-def start_service(group: ProcessGroup, config: StackConfig, name: str, timeout_s: float = 60) -> Proc:
+def start_service(
+    group: ProcessGroup, config: StackConfig, name: str, timeout_s: float = 60
+) -> Proc:
     """Start one service as `python -m services.<name>` and wait until /ready."""
     port = service_port(config, name)
     proc = group.start(

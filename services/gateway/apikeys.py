@@ -48,7 +48,9 @@ async def create_schema(engine: AsyncEngine) -> None:
         await conn.run_sync(metadata.create_all)
 
 
-async def create_key(engine: AsyncEngine, username: str, *, admin: bool = False) -> tuple[str, KeyRecord]:
+async def create_key(
+    engine: AsyncEngine, username: str, *, admin: bool = False
+) -> tuple[str, KeyRecord]:
     """Issue a key for `username`; the clear key is returned once and never stored."""
     key_id = secrets.token_hex(6)
     key = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
@@ -64,7 +66,9 @@ async def create_key(engine: AsyncEngine, username: str, *, admin: bool = False)
 
 async def find_key(engine: AsyncEngine, key_hash: str) -> KeyRecord | None:
     """Return the live (not revoked) key with this hash, if any."""
-    query = sa.select(api_keys).where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None))
+    query = sa.select(api_keys).where(
+        api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)
+    )
     async with engine.connect() as conn:
         row = (await conn.execute(query)).mappings().first()
     if row is None:

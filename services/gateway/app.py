@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 from schemas.records import ErrorInfo
+from services.accounting import ledger
 from services.common.broker import make_broker
 from services.common.db import make_engine
 from services.common.http import add_ops_routes
@@ -26,6 +27,7 @@ from services.gateway.registry import RegistryView
 from services.gateway.routes import router
 from services.gateway.settings import Settings
 from services.gateway.streams import StreamReader
+from services.gateway.usage_routes import router as usage_router
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await apikeys.create_schema(engine)
+        await ledger.create_schema(engine)  # the report reads it, even before any usage
         await broker.connect()
         await declare_topology(broker)
         reader = StreamReader(settings.redis_url, redis, settings.read_block_ms)
@@ -47,6 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
             settings=settings,
             broker=broker,
             redis=redis,
+            engine=engine,
             reader=reader,
             registry=RegistryView(redis, settings.registry_cache_s),
         )
@@ -61,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="FIRST gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(router)
+    app.include_router(usage_router)
     _add_error_handlers(app)
 
     async def check_db() -> None:
@@ -85,26 +90,40 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        info = ErrorInfo(status=400, message=str(first.get("msg", "Invalid request")), type="invalid_request_error", param=param)
+        info = ErrorInfo(
+            status=400,
+            message=str(first.get("msg", "Invalid request")),
+            type="invalid_request_error",
+            param=param,
+        )
         return error_response(info)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        info = ErrorInfo(status=exc.status_code, message=str(exc.detail), type="invalid_request_error", code=code)
+        info = ErrorInfo(
+            status=exc.status_code, message=str(exc.detail), type="invalid_request_error", code=code
+        )
         return error_response(info, dict(exc.headers or {}))
 
     @app.exception_handler(RedisError)
     async def redis_error(request: Request, exc: RedisError) -> JSONResponse:
         logger.error("Redis unavailable: %s", exc)
-        info = ErrorInfo(status=503, message="The stream store is unavailable; retry later.", type="service_unavailable", code="redis_unavailable")
+        info = ErrorInfo(
+            status=503,
+            message="The stream store is unavailable; retry later.",
+            type="service_unavailable",
+            code="redis_unavailable",
+        )
         return error_response(info, {"retry-after": "1"})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s", request.url.path)
-        info = ErrorInfo(status=500, message="Internal error; it has been logged.", type="server_error", code="internal_error")
+        info = ErrorInfo(
+            status=500,
+            message="Internal error; it has been logged.",
+            type="server_error",
+            code="internal_error",
+        )
         return error_response(info)
-
-
-

@@ -54,7 +54,7 @@ class ApiKeyAuthenticator:
         key_hash = apikeys.hash_key(bearer_token(authorization))
         cache_key = names.apikey_cache_key(key_hash)
         cached = await self._redis.get(cache_key)
-        if cached is not None:
+        if isinstance(cached, bytes):
             return _decoder.decode(cached)
         record = await apikeys.find_key(self._engine, key_hash)
         if record is None:

@@ -1,13 +1,13 @@
 """Errors the gateway answers with, always in OpenAI's shape.
 
-    ApiError (status, type, code, message, param)
-    ├── InvalidRequest         400 invalid_request_error
-    ├── Unauthenticated        401 invalid_api_key
-    ├── PermissionDenied       403 permission_denied
-    ├── NotFound               404 (model_not_found, not_found)
-    ├── PayloadTooLarge        413 request_too_large
-    ├── Unavailable            503 (no_site_available, queue_unavailable), with Retry-After
-    └── UpstreamTimeout        504 timeout
+ApiError (status, type, code, message, param)
+├── InvalidRequest         400 invalid_request_error
+├── Unauthenticated        401 invalid_api_key
+├── PermissionDenied       403 permission_denied
+├── NotFound               404 (model_not_found, not_found)
+├── PayloadTooLarge        413 request_too_large
+├── Unavailable            503 (no_site_available, queue_unavailable), with Retry-After
+└── UpstreamTimeout        504 timeout
 """
 
 from __future__ import annotations

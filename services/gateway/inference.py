@@ -8,11 +8,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from faststream.rabbit import RabbitBroker
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from faststream.rabbit import RabbitBroker
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import names
 from schemas.messages import Endpoint, RunInference
@@ -52,6 +53,7 @@ class Gateway:
     settings: Settings
     broker: RabbitBroker
     redis: Redis
+    engine: AsyncEngine
     reader: StreamReader
     registry: RegistryView
 
@@ -63,7 +65,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing (413) anything over `limit` bytes before reading it all."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit} bytes.")
+        raise PayloadTooLarge(
+            f"Request body of {declared} bytes exceeds the limit of {limit} bytes."
+        )
     body = bytearray()
     async for part in request.stream():
         body += part
@@ -96,7 +100,9 @@ async def wait_for_site(gw: Gateway, entry: CatalogueModel) -> None:
         await asyncio.sleep(0.25)
 
 
-async def handle(gw: Gateway, request: Request, endpoint: Endpoint, principal: Principal) -> Response:
+async def handle(
+    gw: Gateway, request: Request, endpoint: Endpoint, principal: Principal
+) -> Response:
     """Serve one OpenAI inference request end to end."""
     body = await read_body(request, gw.settings.max_body_bytes)
     parsed = parse_body(endpoint, body)
@@ -140,7 +146,9 @@ async def _run(gw: Gateway, job: RunInference) -> Response:
     headers = {"x-request-id": job.request_id}
     if isinstance(first, Chunk) or (job.stream and isinstance(first, Final)):
         relay = _relay(gw, job, sub, first, started)
-        return StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS | headers)
+        return StreamingResponse(
+            relay, media_type="text/event-stream", headers=SSE_HEADERS | headers
+        )
     gw.reader.unsubscribe(sub)
     metrics.IN_FLIGHT.dec()
     metrics.LATENCY.labels(job.endpoint).observe(time.monotonic() - started)
@@ -157,7 +165,7 @@ async def _publish(gw: Gateway, job: RunInference) -> None:
             timeout=gw.settings.publish_timeout_s,
             message_id=job.request_id,
         )
-    except Exception as exc:  # noqa: BLE001 - any publish failure means "not accepted"
+    except Exception as exc:
         logger.error("publish failed: %s: %s", type(exc).__name__, exc)
         raise Unavailable(
             "The request queue is unavailable; the request was not accepted. Retry later.",
@@ -180,11 +188,18 @@ async def _first_record(gw: Gateway, job: RunInference, sub: Subscription) -> An
 
 def _whole(record: AnyRecord, headers: dict[str, str]) -> Response:
     if isinstance(record, WholeResponse):
-        return Response(record.body, status_code=record.status, media_type="application/json", headers=headers)
+        return Response(
+            record.body, status_code=record.status, media_type="application/json", headers=headers
+        )
     if isinstance(record, Failure):
         return error_response(record.error, headers)
     # A Final with nothing before it: the request was cancelled or ended empty.
-    info = ErrorInfo(status=502, message="The backend ended the request without a response.", type="server_error", code="empty_response")
+    info = ErrorInfo(
+        status=502,
+        message="The backend ended the request without a response.",
+        type="server_error",
+        code="empty_response",
+    )
     return error_response(info, headers)
 
 

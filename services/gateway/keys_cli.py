@@ -85,5 +85,3 @@ def revoke(key_id: str, database_url: DbOption = None) -> None:
         typer.echo(f"no key with id {key_id}", err=True)
         raise typer.Exit(1)
     typer.echo(f"revoked {key_id}")
-
-

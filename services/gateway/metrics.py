@@ -5,7 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
-    "first_gateway_requests_total", "Requests answered, by endpoint and HTTP status", ["endpoint", "status"]
+    "first_gateway_requests_total",
+    "Requests answered, by endpoint and HTTP status",
+    ["endpoint", "status"],
 )
 FIRST_RECORD = Histogram(
     "first_gateway_first_record_seconds",

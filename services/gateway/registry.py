@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -40,7 +41,7 @@ class RegistryView:
         """Return the last heartbeat of every site the router mirrored."""
         now = time.monotonic()
         if now - self._read_at >= self._cache_s:
-            raw = await self._redis.hgetall(names.REGISTRY_KEY)
+            raw: dict[Any, Any] = await self._redis.hgetall(names.REGISTRY_KEY)
             sites = []
             for field, value in raw.items():
                 try:

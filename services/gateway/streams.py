@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -48,7 +49,9 @@ class StreamReader:
 
     def __init__(self, redis_url: str, commands: Redis, block_ms: int) -> None:
         # The blocking client's socket timeout must exceed BLOCK (redis-py's default is 5 s).
-        self._blocking = make_redis(redis_url, socket_timeout=block_ms / 1000 + 5, max_connections=2)
+        self._blocking = make_redis(
+            redis_url, socket_timeout=block_ms / 1000 + 5, max_connections=2
+        )
         self._commands = commands
         self._block_ms = block_ms
         self._wake_key = names.wake_key(new_request_id())
@@ -95,7 +98,7 @@ class StreamReader:
             streams = {self._wake_key: self._wake_last}
             streams.update({key: sub.last_id for key, sub in self._subs.items()})
             try:
-                response = await self._blocking.xread(
+                response: Any = await self._blocking.xread(
                     streams,  # type: ignore[arg-type]
                     count=READ_COUNT,
                     block=self._block_ms,

@@ -25,7 +25,9 @@ class GatewayUnderTest:
 
 
 @pytest.fixture
-async def gateway(rabbit_url: str, redis_url: str, sqlite_url: str) -> AsyncIterator[GatewayUnderTest]:
+async def gateway(
+    rabbit_url: str, redis_url: str, sqlite_url: str
+) -> AsyncIterator[GatewayUnderTest]:
     settings = Settings(
         rabbit_url=rabbit_url,
         redis_url=redis_url,

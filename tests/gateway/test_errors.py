@@ -67,7 +67,9 @@ async def test_known_model_without_live_site_is_503_with_retry_after(
     gateway: GatewayUnderTest, requests_queue_depth: Any
 ) -> None:
     headers = {"authorization": f"Bearer {gateway.key}"}
-    response = await gateway.client.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "x"}, headers=headers)
+    response = await gateway.client.post(
+        "/v1/completions", json={"model": "smollm2-135m", "prompt": "x"}, headers=headers
+    )
     assert_openai_error(response, 503, "no_site_available")
     assert response.headers["retry-after"] == str(gateway.settings.retry_after_s)
     assert await requests_queue_depth() == 0
@@ -78,7 +80,11 @@ async def test_known_model_without_live_site_is_503_with_retry_after(
     [
         (b'{"model": "smollm2-135m", "messages": "hi"}', "messages"),
         (b'{"model": "smollm2-135m"}', "messages"),
-        (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+        (
+            b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "x"}],'
+            b' "stream": "yes"}',
+            "stream",
+        ),
     ],
 )
 async def test_schema_violation_is_400_naming_the_field(
@@ -124,3 +130,20 @@ async def test_models_list_is_empty_without_live_sites(gateway: GatewayUnderTest
     response = await gateway.client.get("/v1/models", headers=headers)
     assert response.status_code == 200
     assert response.json() == {"object": "list", "data": []}
+
+
+async def test_usage_report_is_for_admin_keys_only(gateway: GatewayUnderTest) -> None:
+    response = await gateway.client.get(
+        "/v1/usage/report", headers={"authorization": f"Bearer {gateway.key}"}
+    )
+    assert_openai_error(response, 403, "admin_only")
+
+
+async def test_usage_report_rejects_unknown_grouping_and_bad_dates(
+    gateway: GatewayUnderTest,
+) -> None:
+    headers = {"authorization": f"Bearer {gateway.admin_key}"}
+    response = await gateway.client.get("/v1/usage/report?by=colour", headers=headers)
+    assert assert_openai_error(response, 400)["param"] == "by"
+    response = await gateway.client.get("/v1/usage/report?since=yesterday", headers=headers)
+    assert assert_openai_error(response, 400)["param"] == "since"

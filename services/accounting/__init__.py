@@ -1,0 +1,1 @@
+"""Accounting: consumes `UsageRecorded` and keeps an exact, idempotent token ledger in SQL."""

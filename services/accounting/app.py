@@ -1,0 +1,69 @@
+"""The accounting app: the usage consumer plus /health, /ready and /metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+
+from schemas import names
+from services.accounting.handlers import register_usage_subscriber
+from services.accounting.ledger import RetryPolicy, create_schema
+from services.accounting.settings import Settings
+from services.common.broker import make_broker
+from services.common.db import make_engine
+from services.common.http import add_ops_routes
+from services.common.topology import declare_topology
+
+logger = logging.getLogger(__name__)
+
+BROKER_PING_TIMEOUT_S = 1.0
+
+
+class BrokerDown(RuntimeError):
+    """The broker connection is not up (reported by /ready)."""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Return the app; its lifespan creates the ledger schema and runs the usage consumer."""
+    engine = make_engine(settings.database_url)
+    broker = make_broker(settings.rabbit_url, prefetch=settings.prefetch)
+    retry = RetryPolicy(
+        attempts=settings.db_retry_attempts,
+        backoff_s=settings.db_retry_backoff_s,
+        backoff_max_s=settings.db_retry_backoff_max_s,
+        timeout_s=settings.db_timeout_s,
+    )
+    register_usage_subscriber(broker, engine, retry)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await create_schema(engine)
+            await broker.connect()
+            await declare_topology(broker)
+            await broker.start()
+            logger.info(
+                "consuming %s into %s",
+                names.ACCOUNTING_USAGE_QUEUE,
+                engine.url.render_as_string(hide_password=True),
+            )
+            yield
+        finally:
+            await broker.stop()
+            await engine.dispose()
+
+    async def broker_ready() -> None:
+        if not await broker.ping(timeout=BROKER_PING_TIMEOUT_S):
+            raise BrokerDown("not connected to RabbitMQ")
+
+    async def database_ready() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    app = FastAPI(title="FIRST accounting", lifespan=lifespan)
+    add_ops_routes(app, {"broker": broker_ready, "database": database_ready})
+    return app

@@ -1,0 +1,92 @@
+"""The usage consumer: decode -> ledger -> ack; poison to `first.dead`; DB trouble requeued.
+
+How each delivery of `first.accounting.usage` is settled:
+
+    undecodable bytes or another tag   reject (no requeue) -> first.dead, one WARNING
+    new request_id                     row inserted, then ack
+    request_id already in the ledger   nothing written, ack (a redelivery or a re-publish)
+    database unavailable               retried per RetryPolicy, then nack (requeue)
+
+A requeue counts towards the queue's delivery limit (topology.DELIVERY_LIMIT); past it,
+RabbitMQ dead-letters the event to `first.dead`, where it stays until an operator replays
+it, so a bill outlives even a long database outage.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from faststream import AckPolicy
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.annotations import RabbitMessage
+from faststream.rabbit.subscriber import RabbitSubscriber
+from prometheus_client import Counter
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from schemas import names
+from schemas.codec import DecodeError, usage_decoder
+from schemas.messages import UsageRecorded
+from services.accounting.errors import LedgerUnavailable
+from services.accounting.ledger import RetryPolicy, record_with_retry
+from services.common import topology
+from services.common.logging import request_id_var, site_id_var, user_id_var
+
+logger = logging.getLogger(__name__)
+
+RESULTS: Final = ("recorded", "duplicate", "rejected", "requeued")
+EVENTS: Final = Counter(
+    "first_accounting_usage_events",
+    "Usage events the accounting consumer settled, by result",
+    ["result"],
+)
+for _result in RESULTS:
+    EVENTS.labels(_result)  # export every series from the start, at zero
+
+
+async def _decode_or_reject(msg: RabbitMessage) -> UsageRecorded | None:
+    """Return the event, or reject the message to `first.dead` (logged once) and return None."""
+    try:
+        return usage_decoder.decode(msg.body)
+    except DecodeError as exc:
+        logger.warning(
+            "rejecting a usage message to %s: cannot decode %d bytes (message_id=%s): %s",
+            names.DEAD_EXCHANGE,
+            len(msg.body),
+            msg.message_id,
+            exc,
+        )
+        await msg.reject(requeue=False)
+        EVENTS.labels("rejected").inc()
+        return None
+
+
+def register_usage_subscriber(
+    broker: RabbitBroker, engine: AsyncEngine, retry: RetryPolicy
+) -> RabbitSubscriber:
+    """Consume `first.accounting.usage` into the ledger; the queue must have been declared."""
+    queue = topology.work_queue(names.ACCOUNTING_USAGE_QUEUE, declare=False)
+    subscriber = broker.subscriber(queue, ack_policy=AckPolicy.MANUAL, title="accounting.usage")
+
+    @subscriber
+    async def on_usage_recorded(msg: RabbitMessage) -> None:
+        """Write one UsageRecorded to the ledger, once per request_id."""
+        event = await _decode_or_reject(msg)
+        if event is None:
+            return
+        request_id_var.set(event.request_id)
+        user_id_var.set(event.user_id)
+        site_id_var.set(event.site_id)
+        try:
+            inserted = await record_with_retry(engine, event, retry)
+        except LedgerUnavailable as exc:
+            logger.error("ledger unavailable, usage goes back to the queue: %s", exc)
+            await msg.nack(requeue=True)
+            EVENTS.labels("requeued").inc()
+            return
+        await msg.ack()
+        result = "recorded" if inserted else "duplicate"
+        EVENTS.labels(result).inc()
+        logger.debug("usage %s", result)
+
+    return subscriber

@@ -1,0 +1,175 @@
+"""The unmodified `openai` SDK through the gateway gets what vLLM itself gives, billed exactly.
+
+Every request here is compared with the same request sent straight to the same vLLM with
+temperature 0, and the ledger's tokens with the usage vLLM reported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import openai
+import pytest
+
+from tests.e2e.conftest import Stack
+from tests.e2e.helpers import ledger_row
+
+pytestmark = pytest.mark.vllm
+
+CHAT = "smollm2-135m"
+EMBED = "all-minilm-l6-v2"
+MESSAGES: list[Any] = [{"role": "user", "content": "Name three colours."}]
+GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def aclient(stack: Stack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def direct(stack: Stack) -> openai.OpenAI:
+    """A client of the chat vLLM itself, bypassing FIRST."""
+    return openai.OpenAI(
+        base_url=f"{stack.backends[CHAT].url}/v1", api_key="unused", max_retries=0, timeout=120
+    )
+
+
+async def test_chat_non_streamed_matches_vllm_and_is_billed_once(
+    stack: Stack, client: openai.OpenAI, direct: openai.OpenAI
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(model=CHAT, messages=MESSAGES, **GREEDY)
+    reply = raw.parse()
+    expected = direct.chat.completions.create(model=CHAT, messages=MESSAGES, **GREEDY)
+    assert reply.choices[0].message.content == expected.choices[0].message.content
+    assert reply.choices[0].message.content
+    assert reply.usage is not None
+    assert expected.usage is not None
+    assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+    assert reply.usage.completion_tokens == expected.usage.completion_tokens
+    row = await ledger_row(stack.database_url, raw.headers["x-request-id"])
+    assert (row.prompt_tokens, row.completion_tokens) == (
+        reply.usage.prompt_tokens,
+        reply.usage.completion_tokens,
+    )
+    assert row.user_id == "researcher"
+    assert row.model == CHAT
+
+
+async def test_chat_streamed_relays_every_chunk_in_order_with_usage(
+    stack: Stack, client: openai.OpenAI, direct: openai.OpenAI
+) -> None:
+    options = {"include_usage": True}
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT, messages=MESSAGES, stream=True, stream_options=options, **GREEDY
+    )
+    chunks = list(raw.parse())
+    expected = list(
+        direct.chat.completions.create(
+            model=CHAT, messages=MESSAGES, stream=True, stream_options=options, **GREEDY
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    expected_text = "".join(c.choices[0].delta.content or "" for c in expected if c.choices)
+    assert text == expected_text
+    assert text
+    assert len(chunks) == len(expected)  # one SSE event per vLLM chunk, none coalesced
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == []
+    assert usage is not None
+    assert expected[-1].usage is not None
+    want = expected[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        want.prompt_tokens,
+        want.completion_tokens,
+    )
+    row = await ledger_row(stack.database_url, raw.headers["x-request-id"])
+    assert (row.prompt_tokens, row.completion_tokens) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+
+
+async def test_chat_streamed_without_include_usage_has_no_usage_chunk_but_is_billed(
+    stack: Stack, client: openai.OpenAI
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT, messages=MESSAGES, stream=True, **GREEDY
+    )
+    chunks = list(raw.parse())
+    assert chunks
+    assert all(c.usage is None for c in chunks)
+    assert all(c.choices for c in chunks)
+    row = await ledger_row(stack.database_url, raw.headers["x-request-id"])
+    assert row.prompt_tokens > 0
+    assert row.completion_tokens > 0
+
+
+async def test_completions_async_client_stream_and_non_stream_match_vllm(
+    stack: Stack, aclient: openai.AsyncOpenAI, direct: openai.OpenAI
+) -> None:
+    prompt = "The capital of France is"
+    expected = direct.completions.create(model=CHAT, prompt=prompt, **GREEDY)
+    reply = await aclient.completions.create(model=CHAT, prompt=prompt, **GREEDY)
+    assert reply.choices[0].text == expected.choices[0].text
+    assert reply.usage == expected.usage
+
+    raw = await aclient.completions.with_raw_response.create(
+        model=CHAT, prompt=prompt, stream=True, stream_options={"include_usage": True}, **GREEDY
+    )
+    stream = await raw.parse()
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.choices[0].text
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == expected.usage.completion_tokens  # type: ignore[union-attr]
+    row = await ledger_row(stack.database_url, raw.headers["x-request-id"])
+    assert row.completion_tokens == chunks[-1].usage.completion_tokens
+    assert row.endpoint == "completions"
+
+
+async def test_embeddings_equal_vllm_and_are_billed_by_prompt_tokens(
+    stack: Stack, client: openai.OpenAI
+) -> None:
+    direct = openai.OpenAI(
+        base_url=f"{stack.backends[EMBED].url}/v1", api_key="unused", max_retries=0
+    )
+    texts = ["Quantum chromodynamics on a lattice.", "A cat sat on the mat."]
+    raw = client.embeddings.with_raw_response.create(model=EMBED, input=texts)
+    reply = raw.parse()
+    expected = direct.embeddings.create(model=EMBED, input=texts)
+    assert len(reply.data) == 2
+    for got, want in zip(reply.data, expected.data, strict=True):
+        assert len(got.embedding) == 384
+        assert got.embedding == want.embedding
+        assert math.isclose(sum(x * x for x in got.embedding), 1.0, rel_tol=1e-3)
+    row = await ledger_row(stack.database_url, raw.headers["x-request-id"])
+    assert row.prompt_tokens == reply.usage.prompt_tokens > 0
+    assert row.completion_tokens == 0
+    assert row.endpoint == "embeddings"
+
+
+def test_models_lists_catalogue_models_a_live_site_serves(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {CHAT, EMBED}
+    assert models[CHAT].owned_by == "HuggingFaceTB"
+
+
+def test_upstream_400_stays_a_400_with_vllms_message(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=100_000)
+    assert "100000" in str(info.value) or "max" in str(info.value).lower()
+
+
+def test_upstream_400_on_a_stream_is_a_400_before_any_event(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=CHAT, messages=MESSAGES, max_tokens=100_000, stream=True
+        )
