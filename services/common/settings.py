@@ -7,8 +7,6 @@ from typing import Any
 from pydantic import AliasChoices, Field
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 

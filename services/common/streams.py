@@ -1,0 +1,52 @@
+"""Writing a request's Redis stream: records in order, the stream's expiry renewed on each write.
+
+The reading side (one multiplexed XREAD loop) is the gateway's; this is the writers' side
+(router for requests it cannot place, dead-letter consumer, site agent).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import cast
+
+from redis.asyncio import Redis
+
+from schemas import names
+from schemas.codec import encode, record_decoder
+from schemas.records import AnyRecord, ErrorInfo, Failure, Final, Record, Usage
+
+
+async def append(redis: Redis, request_id: str, *records: Record, ttl_s: float) -> None:
+    """XADD `records` in order (one entry each) and (re)set the stream's expiry, in one trip."""
+    key = names.stream_key(request_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        for record in records:
+            pipe.xadd(key, {names.RECORD_FIELD: encode(record)})
+        pipe.expire(key, max(1, int(ttl_s)))
+        await pipe.execute()
+
+
+async def last_record(redis: Redis, request_id: str) -> AnyRecord | None:
+    """Return the newest record of a request's stream, None if it has none.
+
+    Raises `schemas.codec.DecodeError` if the newest entry is not a record.
+    """
+    key = names.stream_key(request_id)
+    # The client does not decode responses: entries are (id, {field: value}) in bytes.
+    entries = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], await redis.xrevrange(key, "+", "-", count=1)
+    )
+    if not entries:
+        return None
+    _entry_id, fields = entries[0]
+    record: AnyRecord = record_decoder.decode(fields[names.RECORD_FIELD])
+    return record
+
+
+async def fail(
+    redis: Redis, request_id: str, error: ErrorInfo, *, site_id: str, ttl_s: float
+) -> Final:
+    """End a request's stream with `error` and a failed, unbilled Final; return that Final."""
+    final = Final(outcome="failed", usage=Usage(), site_id=site_id, finished_at=time.time())
+    await append(redis, request_id, Failure(error=error), final, ttl_s=ttl_s)
+    return final

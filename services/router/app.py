@@ -1,0 +1,107 @@
+"""The router's app: broker subscribers, the site registry and the ops routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import msgspec
+from fastapi import FastAPI
+from faststream import AckPolicy
+from faststream.rabbit import RabbitBroker, RabbitQueue
+from faststream.rabbit.annotations import RabbitMessage
+from redis.exceptions import RedisError
+
+from schemas import names
+from services.common import topology
+from services.common.broker import make_broker
+from services.common.http import add_ops_routes
+from services.common.redis import make_redis
+from services.router.deadletter import handle_dead
+from services.router.handlers import Deps, handle_heartbeat, handle_request
+from services.router.registry import Registry
+from services.router.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def heartbeat_queue(instance_id: str) -> RabbitQueue:
+    """Return this replica's own queue on the heartbeats fanout (gone when it disconnects)."""
+    return RabbitQueue(
+        names.heartbeat_queue(instance_id), durable=False, exclusive=True, auto_delete=True
+    )
+
+
+def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
+    requests = topology.work_queue(names.ROUTER_REQUESTS_QUEUE, declare=False)
+
+    @broker.subscriber(requests, ack_policy=AckPolicy.MANUAL)
+    async def on_request(msg: RabbitMessage) -> None:
+        await handle_request(msg, deps)
+
+    dead = RabbitQueue(names.DEAD_QUEUE, declare=False)
+
+    @broker.subscriber(dead, ack_policy=AckPolicy.MANUAL)
+    async def on_dead(msg: RabbitMessage) -> None:
+        await handle_dead(msg, deps)
+
+    beats = heartbeat_queue(deps.settings.instance_id)
+
+    @broker.subscriber(beats, topology.HEARTBEATS, ack_policy=AckPolicy.ACK_FIRST)
+    async def on_heartbeat(msg: RabbitMessage) -> None:
+        await handle_heartbeat(msg, deps)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the router; it connects only when the app starts."""
+    broker = make_broker(settings.rabbit_url, prefetch=settings.prefetch)
+    redis = make_redis(settings.redis_url)
+    registry = Registry(redis, settings.site_ttl_s)
+    deps = Deps(settings=settings, broker=broker, redis=redis, registry=registry)
+    _subscribe(broker, deps)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await broker.connect()
+        await declare_topology_bounded(broker, settings.publish_timeout_s)
+        try:
+            logger.info("registry: %d live sites loaded from Redis", await registry.load())
+        except RedisError as exc:
+            logger.warning("registry: cannot load the Redis mirror: %s", exc)
+        await broker.start()
+        sweeper = asyncio.create_task(registry.run_sweeper(settings.sweep_interval_s))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await broker.stop()
+            await redis.aclose()
+
+    app = FastAPI(title="FIRST router", lifespan=lifespan)
+    app.state.deps = deps
+
+    async def broker_ready() -> None:
+        if not await broker.ping(timeout=1.0):
+            raise ConnectionError("not connected to RabbitMQ")
+
+    add_ops_routes(app, {"broker": broker_ready, "redis": redis.ping})
+
+    @app.get("/sites")
+    async def sites() -> dict[str, object]:
+        """List the sites this replica knows, with their models and load."""
+        return {
+            "ttl_s": registry.ttl_s,
+            "sites": msgspec.to_builtins(registry.sites()),
+            "sent": registry.sent(),
+        }
+
+    return app
+
+
+async def declare_topology_bounded(broker: RabbitBroker, limit_s: float) -> None:
+    """Declare the core topology, bounded by `limit_s`."""
+    await asyncio.wait_for(topology.declare_topology(broker), limit_s)

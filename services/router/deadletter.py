@@ -1,0 +1,91 @@
+"""The consumer of `first.dead`: log each dead letter once, end a dead request's stream.
+
+A dead letter is never requeued (the dead queue has no dead-letter exchange of its own, so a
+requeue would loop). If the stream cannot be written, the error is logged and the message
+acked all the same: the gateway's own wait bound then ends the client's request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from faststream.rabbit.message import RabbitMessage
+from redis.exceptions import RedisError
+
+from schemas.codec import DecodeError, run_inference_decoder
+from schemas.messages import RunInference
+from schemas.records import Final
+from services.common import streams
+from services.common.logging import request_id_var, user_id_var
+from services.router import errors
+from services.router.handlers import Deps
+
+logger = logging.getLogger(__name__)
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def death_of(headers: Mapping[str, Any]) -> tuple[str, str, int]:
+    """Return (reason, queue, count) of the latest death in the `x-death` header."""
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        latest = deaths[0]
+        count = latest.get("count", 1)
+        return (
+            _text(latest.get("reason", "unknown")),
+            _text(latest.get("queue", "unknown")),
+            count if isinstance(count, int) else 1,
+        )
+    return ("unknown", "unknown", 0)
+
+
+async def handle_dead(msg: RabbitMessage, deps: Deps) -> None:
+    """Log a dead letter once at WARNING (never its body), end its request's stream, ack."""
+    reason, queue, count = death_of(msg.headers)
+    try:
+        request: RunInference | None = run_inference_decoder.decode(msg.body)
+    except DecodeError:
+        request = None
+    stream = "not a request"
+    if request is not None:
+        request_id_var.set(request.request_id)
+        user_id_var.set(request.user_id)
+        stream = await _end_stream(deps, request, reason)
+    logger.warning(
+        "dead letter: type=%s id=%s reason=%s queue=%s deaths=%d bytes=%d stream=%s",
+        msg.raw_message.type,
+        msg.message_id,
+        reason,
+        queue,
+        count,
+        len(msg.body),
+        stream,
+    )
+    await msg.ack()
+
+
+async def _end_stream(deps: Deps, request: RunInference, reason: str) -> str:
+    """End the request's stream with an error unless it has its Final; say what was done."""
+    try:
+        last = await streams.last_record(deps.redis, request.request_id)
+    except DecodeError:
+        last = None
+    except RedisError as exc:
+        return f"unreadable ({exc})"
+    if isinstance(last, Final):
+        return "already finished"
+    try:
+        await streams.fail(
+            deps.redis,
+            request.request_id,
+            errors.dead_lettered(reason),
+            site_id=request.site_id,
+            ttl_s=deps.settings.stream_ttl_s,
+        )
+    except RedisError as exc:
+        return f"not ended ({exc})"
+    return "ended with an error"

@@ -1,0 +1,104 @@
+"""Thin adapters from broker deliveries to the registry and the policy."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import msgspec
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.message import RabbitMessage
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from schemas import names
+from schemas.codec import DecodeError, heartbeat_decoder, run_inference_decoder
+from schemas.messages import RunInference
+from services.common import streams, topology
+from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
+from services.common.logging import request_id_var, site_id_var, user_id_var
+from services.router import errors
+from services.router.policy import choose_site
+from services.router.registry import Registry
+from services.router.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Deps:
+    """What the handlers use; built once by `create_app`."""
+
+    settings: Settings
+    broker: RabbitBroker
+    redis: Redis
+    registry: Registry
+
+
+async def wait_for_site(registry: Registry, request: RunInference, deadline: float) -> str | None:
+    """Return a site for `request`, waiting for heartbeats until `deadline` (epoch s) at most."""
+    while True:
+        now = time.time()
+        site_id = choose_site(request, registry.sites(), now, registry.ttl_s, registry.sent())
+        if site_id is not None or now >= deadline:
+            return site_id
+        await registry.wait_update(deadline - now)
+
+
+async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
+    """Send one RunInference to a site's queue, or end its stream with a 503."""
+    request = await decode_or_reject(msg, run_inference_decoder)
+    if request is None:
+        return
+    request_id_var.set(request.request_id)
+    user_id_var.set(request.user_id)
+    started = time.time()
+    deadline = min(request.expires_at, started + deps.settings.no_site_wait_s)
+    site_id = await wait_for_site(deps.registry, request, deadline)
+    if site_id is None:
+        await _fail_no_site(msg, deps, request, time.time() - started)
+        return
+    site_id_var.set(site_id)
+    try:
+        await publish(
+            deps.broker,
+            msgspec.structs.replace(request, site_id=site_id),
+            exchange=topology.SITES,
+            routing_key=names.site_routing_key(site_id, request.priority),
+            timeout=deps.settings.publish_timeout_s,
+            message_id=request.request_id,
+        )
+    except PUBLISH_ERRORS as exc:
+        logger.warning("dispatch to %s failed, requeueing: %r", site_id, exc)
+        await msg.nack(requeue=True)
+        return
+    deps.registry.record_sent(site_id)
+    logger.debug("dispatched %s to %s", request.model, site_id)
+    await msg.ack()
+
+
+async def _fail_no_site(
+    msg: RabbitMessage, deps: Deps, request: RunInference, waited_s: float
+) -> None:
+    error = errors.no_site_available(request.model, waited_s)
+    try:
+        await streams.fail(
+            deps.redis, request.request_id, error, site_id="", ttl_s=deps.settings.stream_ttl_s
+        )
+    except RedisError as exc:
+        logger.warning("cannot end stream (no site), requeueing: %s", exc)
+        await msg.nack(requeue=True)
+        return
+    logger.info("no live site for model %s after %.1f s", request.model, waited_s)
+    await msg.ack()
+
+
+async def handle_heartbeat(msg: RabbitMessage, deps: Deps) -> None:
+    """Record one site heartbeat (the queue is consumed without acks)."""
+    try:
+        heartbeat = heartbeat_decoder.decode(msg.body)
+    except DecodeError as exc:
+        logger.warning("ignoring undecodable heartbeat (%d bytes): %s", len(msg.body), exc)
+        return
+    await deps.registry.observe(heartbeat)

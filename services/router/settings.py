@@ -1,0 +1,29 @@
+"""Router settings (env prefix FIRST_ROUTER_; shared ones FIRST_)."""
+
+from __future__ import annotations
+
+import secrets
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import CommonSettings
+
+
+class Settings(CommonSettings):
+    """What the router needs; every wait has a bound here."""
+
+    model_config = SettingsConfigDict(env_prefix="FIRST_ROUTER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8010
+    instance_id: str = Field(default_factory=lambda: secrets.token_hex(4))
+    """Names this replica's exclusive heartbeat queue; unique per running replica."""
+    prefetch: int = 64
+    """Unacked requests this replica holds at once (its share of the backlog)."""
+    no_site_wait_s: float = 10.0
+    """How long a request waits for a live site with its model hot before it fails with 503."""
+    stream_ttl_s: float = 3600.0
+    """Expiry of a stream the router ends itself (no site, dead-lettered)."""
+    sweep_interval_s: float = 5.0
+    """How often expired sites leave the registry and its Redis mirror."""

@@ -1,0 +1,1 @@
+"""The site agent: runs on a cluster, drives its vLLM instances, streams tokens back via Redis."""

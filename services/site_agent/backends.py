@@ -1,0 +1,159 @@
+"""The site's vLLM instances: a pool per model, their health and load from /health and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from schemas.messages import ModelStatus
+
+logger = logging.getLogger(__name__)
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # new name, old name
+GENERATED = "vllm:generation_tokens_total"
+_WANTED = frozenset((RUNNING, WAITING, GENERATED, *KV_CACHE))
+
+
+@dataclass(frozen=True)
+class Load:
+    """One instance's load as its /metrics reported it for one model."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    generated_tokens: float = 0.0
+
+
+def parse_metrics(text: str, model: str) -> Load:
+    """Sum vLLM's series for `model` (label model_name; unlabelled samples count too).
+
+    Raises ValueError on text that is not in Prometheus' exposition format.
+    """
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in _WANTED and sample.labels.get("model_name", model) == model:
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    return Load(
+        running=int(sums.get(RUNNING, 0)),
+        waiting=int(sums.get(WAITING, 0)),
+        kv_cache_usage=max(sums.get(k, 0.0) for k in KV_CACHE),
+        generated_tokens=sums.get(GENERATED, 0.0),
+    )
+
+
+@dataclass
+class Instance:
+    """One vLLM server. Health is unknown (assumed up) until the first probe."""
+
+    url: str
+    healthy: bool = True
+    in_flight: int = 0
+    load: Load = field(default_factory=Load)
+    tokens_per_s: float = 0.0
+    _last_count: tuple[float, float] | None = None
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Count one request in flight on this instance while the block runs."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def mark_down(self) -> None:
+        """Take the instance out of rotation until a probe finds it healthy again."""
+        self.healthy = False
+
+    def count_tokens(self, now: float, total: float) -> None:
+        """Update the generation rate from vLLM's token counter."""
+        if self._last_count is not None and now > self._last_count[0]:
+            delta = max(0.0, total - self._last_count[1])
+            self.tokens_per_s = delta / (now - self._last_count[0])
+        self._last_count = (now, total)
+
+
+class Pool:
+    """The instances serving one model."""
+
+    def __init__(self, model: str, urls: Sequence[str]) -> None:
+        self.model = model
+        self.instances = [Instance(url.rstrip("/")) for url in urls]
+
+    def candidates(self) -> list[Instance]:
+        """Return instances to try in order: healthy least-loaded first, then the rest."""
+        order = sorted(
+            enumerate(self.instances),
+            key=lambda p: (not p[1].healthy, p[1].in_flight, p[1].load.running, p[0]),
+        )
+        return [instance for _, instance in order]
+
+    def status(self, per_instance: int) -> ModelStatus:
+        """Summarise the pool for a heartbeat: hot while at least one instance is healthy."""
+        up = [i for i in self.instances if i.healthy]
+        return ModelStatus(
+            model=self.model,
+            state="hot" if up else "cold",
+            instances=len(up),
+            running=sum(i.load.running for i in up),
+            waiting=sum(i.load.waiting for i in up),
+            capacity=len(up) * per_instance,
+            kv_cache_usage=max((i.load.kv_cache_usage for i in up), default=0.0),
+            tokens_per_s=round(sum(i.tokens_per_s for i in up), 3),
+        )
+
+    async def probe(self, client: httpx.AsyncClient, limit_s: float) -> None:
+        """Refresh every instance's health and load."""
+        await asyncio.gather(*(self._probe_one(client, i, limit_s) for i in self.instances))
+
+    async def _probe_one(
+        self, client: httpx.AsyncClient, instance: Instance, limit_s: float
+    ) -> None:
+        try:
+            health = await client.get(f"{instance.url}/health", timeout=limit_s)
+            healthy = health.status_code == 200
+            metrics = await client.get(f"{instance.url}/metrics", timeout=limit_s)
+        except httpx.HTTPError as exc:
+            if instance.healthy:
+                logger.warning("instance %s of %s is down: %r", instance.url, self.model, exc)
+            instance.healthy = False
+            return
+        if healthy != instance.healthy:
+            logger.info("instance %s of %s healthy=%s", instance.url, self.model, healthy)
+        instance.healthy = healthy
+        if metrics.status_code == 200:
+            try:
+                instance.load = parse_metrics(metrics.text, self.model)
+            except ValueError as exc:
+                logger.warning("unreadable /metrics from %s: %s", instance.url, exc)
+                return
+            instance.count_tokens(time.monotonic(), instance.load.generated_tokens)
+
+
+class Backends:
+    """Every model's pool on this site."""
+
+    def __init__(self, config: Mapping[str, Sequence[str]]) -> None:
+        self.pools = {model: Pool(model, urls) for model, urls in config.items()}
+
+    def get(self, model: str) -> Pool | None:
+        """Return the pool of `model`, None if this site does not serve it."""
+        return self.pools.get(model)
+
+    async def probe(self, client: httpx.AsyncClient, limit_s: float) -> None:
+        """Refresh every pool."""
+        await asyncio.gather(*(pool.probe(client, limit_s) for pool in self.pools.values()))
+
+    def statuses(self, per_instance: int) -> tuple[ModelStatus, ...]:
+        """Return every model's status, by model name."""
+        return tuple(self.pools[m].status(per_instance) for m in sorted(self.pools))

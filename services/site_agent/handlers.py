@@ -1,0 +1,68 @@
+"""Thin adapter from a site queue delivery to the executor, the usage publish and the ack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.message import RabbitMessage
+from redis.exceptions import RedisError
+
+from schemas import names
+from schemas.codec import run_inference_decoder
+from services.common import topology
+from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
+from services.common.logging import request_id_var, site_id_var, user_id_var
+from services.site_agent.execution import Executor
+from services.site_agent.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE: tuple[type[BaseException], ...] = (RedisError, *PUBLISH_ERRORS)
+"""Failures to record an outcome that a later delivery may get past."""
+
+
+@dataclass(frozen=True)
+class Deps:
+    """What the handler uses; built once by `create_app`."""
+
+    settings: Settings
+    broker: RabbitBroker
+    executor: Executor
+
+
+async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
+    """Run one RunInference to its Final, publish its usage, then ack.
+
+    Redis or broker trouble requeues (after a pause; the queue's delivery limit bounds it);
+    an unexpected error dead-letters the request, whose stream the dead-letter consumer ends.
+    """
+    request = await decode_or_reject(msg, run_inference_decoder)
+    if request is None:
+        return
+    request_id_var.set(request.request_id)
+    user_id_var.set(request.user_id)
+    site_id_var.set(deps.settings.site_id)
+    try:
+        usage = await deps.executor.execute(request)
+        if usage is not None:
+            await publish(
+                deps.broker,
+                usage,
+                exchange=topology.USAGE,
+                routing_key=names.USAGE_ROUTING_KEY,
+                timeout=deps.settings.publish_timeout_s,
+                message_id=request.request_id,
+            )
+    except RETRYABLE as exc:
+        logger.warning("cannot record the outcome, requeueing: %r", exc)
+        await asyncio.sleep(deps.settings.retry_delay_s)
+        await msg.nack(requeue=True)
+        return
+    except Exception:
+        logger.exception("unexpected failure; dead-lettering the request")
+        await msg.reject(requeue=False)
+        return
+    await msg.ack()

@@ -1,0 +1,45 @@
+"""Site agent settings (env prefix FIRST_SITE_AGENT_; shared ones FIRST_)."""
+
+from __future__ import annotations
+
+import secrets
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import CommonSettings
+
+
+class Settings(CommonSettings):
+    """What one site's agent needs; every network call and wait has a bound here."""
+
+    model_config = SettingsConfigDict(env_prefix="FIRST_SITE_AGENT_", extra="ignore")
+
+    site_id: str = "local"
+    agent_id: str = Field(default_factory=lambda: secrets.token_hex(4))
+    host: str = "127.0.0.1"
+    port: int = 8020
+    backends: dict[str, list[str]] = Field(default_factory=dict)
+    """Served model name -> base URLs of its vLLM instances (env: JSON)."""
+    max_concurrency_per_instance: int = 8
+    """Requests one instance takes at once; the heartbeat's capacity is this x healthy ones."""
+    heartbeat_interval_s: float = 2.0
+    prefetch: int = 32
+    """Unacked interactive requests held at once."""
+    batch_prefetch: int = 4
+    """Unacked batch requests held at once (kept low so interactive work goes first)."""
+    stream_ttl_s: float = 3600.0
+    """Expiry of a request's stream, renewed on each record."""
+    claim_ttl_s: float = 60.0
+    """Expiry of a request's claim, renewed every third of it while the request runs."""
+    backend_connect_timeout_s: float = 5.0
+    backend_read_timeout_s: float = 60.0
+    """Longest gap between two chunks of a streamed response."""
+    backend_response_timeout_s: float = 600.0
+    """Longest wait for a whole non-streamed response."""
+    probe_timeout_s: float = 2.0
+    """Bound on one /health or /metrics probe."""
+    cancel_poll_s: float = 1.0
+    """How often running requests' cancel keys are checked besides the pub/sub channel."""
+    retry_delay_s: float = 1.0
+    """Pause before requeueing a request after a Redis or broker failure."""

@@ -1,0 +1,375 @@
+"""The site agent against real RabbitMQ (session vhost) and Redis, with a fake vLLM backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+import pytest
+from faststream.rabbit import RabbitBroker
+from redis.asyncio import Redis
+
+from schemas import names
+from schemas.codec import encode
+from schemas.messages import SiteHeartbeat, UsageRecorded
+from schemas.records import Chunk, Failure, Final, Response, Usage
+from services.common import topology
+from services.site_agent.app import create_app
+from services.site_agent.settings import Settings
+from tests.site_agent.conftest import MODEL
+from tests.site_agent.fake_backend import PROMPT_TOKENS, WORDS, FakeBackend, free_port
+from tests.site_agent.helpers import (
+    Tap,
+    agent_settings,
+    make_request,
+    queue_depth,
+    read_stream,
+    stream_records,
+    tap,
+    unique,
+    wait_for,
+)
+from tests.site_agent.helpers import (
+    running_agent as running,
+)
+from tests.site_agent.helpers import (
+    send_to_site as send,
+)
+
+
+def chunk_json(record: Any) -> dict[str, Any]:
+    assert isinstance(record, Chunk)
+    data: dict[str, Any] = json.loads(record.data)
+    return data
+
+
+async def test_streams_chunks_in_order_and_ends_with_the_backends_usage(
+    rabbit_url: str,
+    redis_url: str,
+    backend: FakeBackend,
+    broker: RabbitBroker,
+    redis_client: Redis,
+    usage: Tap,
+    channel: Any,
+) -> None:
+    settings = agent_settings(rabbit_url, redis_url, {MODEL: [backend.url]})
+    request = make_request(MODEL, stream=True)
+    async with running(settings):
+        await send(broker, settings.site_id, request)
+        records = await read_stream(redis_client, request.request_id)
+        event = await usage.get_for(request.request_id)
+    *chunks, final = records
+    contents = [chunk_json(c)["choices"][0]["delta"].get("content") for c in chunks]
+    assert contents == [*WORDS, None]  # the usage-only chunk was not asked for
+    assert all(chunk_json(c)["choices"] for c in chunks)
+    assert isinstance(final, Final)
+    assert final.outcome == "completed"
+    assert final.site_id == settings.site_id
+    assert final.usage == Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=len(WORDS))
+    assert backend.bodies[-1]["stream_options"] == {"include_usage": True}
+    assert isinstance(event, UsageRecorded)
+    assert (event.prompt_tokens, event.completion_tokens) == (PROMPT_TOKENS, len(WORDS))
+    assert (event.outcome, event.site_id, event.user_id) == ("completed", settings.site_id, "u-1")
+    assert await redis_client.ttl(names.stream_key(request.request_id)) > 3000
+    # The agent has stopped: anything unacked would be back in its queue.
+    assert await queue_depth(channel, names.site_queue(settings.site_id, "interactive")) == 0
+
+
+async def test_usage_chunk_is_passed_on_when_the_client_asked(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis
+) -> None:
+    request = make_request(MODEL, endpoint="completions", stream=True, include_usage=True)
+    await send(broker, agent.site_id, request)
+    *chunks, final = await read_stream(redis_client, request.request_id)
+    last = chunk_json(chunks[-1])
+    assert last["choices"] == []
+    assert last["usage"]["completion_tokens"] == len(WORDS)
+    texts = [chunk_json(c)["choices"][0]["text"] for c in chunks[:-1]]
+    assert "".join(texts) == "".join(WORDS)
+    assert isinstance(final, Final)
+    assert final.usage.completion_tokens == len(WORDS)
+
+
+async def test_non_streamed_answer_is_one_response_record_with_the_backends_body(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis
+) -> None:
+    request = make_request(MODEL)
+    await send(broker, agent.site_id, request)
+    response, final = await read_stream(redis_client, request.request_id)
+    assert isinstance(response, Response)
+    assert response.status == 200
+    body = json.loads(response.body)
+    assert body["choices"][0]["message"]["content"] == "".join(WORDS)
+    assert isinstance(final, Final)
+    assert final.usage == Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=len(WORDS))
+
+
+async def test_embeddings_bill_prompt_tokens_only(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis
+) -> None:
+    request = make_request(MODEL, endpoint="embeddings")
+    await send(broker, agent.site_id, request)
+    response, final = await read_stream(redis_client, request.request_id)
+    assert isinstance(response, Response)
+    assert json.loads(response.body)["data"][0]["embedding"] == [0.25, -0.5, 0.125]
+    assert isinstance(final, Final)
+    assert final.usage == Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=0)
+
+
+async def test_redelivered_request_with_a_final_is_not_regenerated_but_its_usage_republished(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis, usage: Tap, backend: FakeBackend
+) -> None:
+    request = make_request(MODEL, stream=True)
+    await send(broker, agent.site_id, request)
+    await read_stream(redis_client, request.request_id)
+    first = await usage.get_for(request.request_id)
+    hits = sum(backend.hits.values())
+
+    await send(broker, agent.site_id, request)
+    again = await usage.get_for(request.request_id)
+
+    assert again == first
+    assert sum(backend.hits.values()) == hits
+    finals = [
+        r for r in await stream_records(redis_client, request.request_id) if isinstance(r, Final)
+    ]
+    assert len(finals) == 1
+
+
+async def test_request_claimed_by_another_site_is_acked_and_skipped(
+    rabbit_url: str,
+    redis_url: str,
+    backend: FakeBackend,
+    broker: RabbitBroker,
+    redis_client: Redis,
+    channel: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="services.site_agent")
+    other = unique("other-site")
+    request = make_request(MODEL, stream=True)
+    await redis_client.set(names.claim_key(request.request_id), other, ex=60)
+    hits = sum(backend.hits.values())
+    settings = agent_settings(rabbit_url, redis_url, {MODEL: [backend.url]})
+    async with running(settings):
+        await send(broker, settings.site_id, request)
+        await wait_for(lambda: any(other in r.getMessage() for r in caplog.records))
+    assert await stream_records(redis_client, request.request_id) == []
+    assert sum(backend.hits.values()) == hits
+    assert await queue_depth(channel, names.site_queue(settings.site_id, "interactive")) == 0
+
+
+async def test_cancelled_before_start_is_not_generated(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis, usage: Tap, backend: FakeBackend
+) -> None:
+    request = make_request(MODEL, stream=True)
+    await redis_client.set(names.cancel_key(request.request_id), b"1", ex=60)
+    hits = sum(backend.hits.values())
+    await send(broker, agent.site_id, request)
+    records = await read_stream(redis_client, request.request_id)
+    assert records == [records[-1]]
+    assert isinstance(records[-1], Final)
+    assert (records[-1].outcome, records[-1].usage) == ("cancelled", Usage())
+    assert sum(backend.hits.values()) == hits
+    event = await usage.get_for(request.request_id)
+    assert isinstance(event, UsageRecorded)
+    assert (event.outcome, event.completion_tokens) == ("cancelled", 0)
+
+
+async def test_expired_request_is_not_generated(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis, backend: FakeBackend
+) -> None:
+    request = make_request(MODEL, expires_in=-1.0)
+    hits = sum(backend.hits.values())
+    await send(broker, agent.site_id, request)
+    (final,) = await read_stream(redis_client, request.request_id)
+    assert isinstance(final, Final)
+    assert final.outcome == "cancelled"
+    assert sum(backend.hits.values()) == hits
+
+
+async def test_cancel_while_streaming_closes_the_backend_stream_and_bills_what_was_sent(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis, backend: FakeBackend
+) -> None:
+    backend.chunk_delay_s = 0.5
+    aborted = backend.streams_aborted
+    request = make_request(MODEL, stream=True)
+    await send(broker, agent.site_id, request)
+    await wait_for(lambda: redis_client.xlen(names.stream_key(request.request_id)))
+    await redis_client.set(names.cancel_key(request.request_id), b"1", ex=60)
+    await redis_client.publish(names.CANCEL_CHANNEL, request.request_id)
+    cancelled_at = time.monotonic()
+    records = await read_stream(redis_client, request.request_id, within_s=3)
+    assert time.monotonic() - cancelled_at < 1.0
+    *chunks, final = records
+    assert isinstance(final, Final)
+    assert final.outcome == "cancelled"
+    content = [c for c in chunks if chunk_json(c)["choices"][0]["delta"].get("content")]
+    assert 1 <= len(content) < len(WORDS)
+    assert final.usage == Usage(prompt_tokens=0, completion_tokens=len(content))
+    await wait_for(lambda: backend.streams_aborted == aborted + 1, within_s=5)
+
+
+@pytest.mark.parametrize("shape", ["nested", "flat"])
+async def test_backend_400_becomes_a_failure_with_its_message(
+    shape: str, agent: Settings, broker: RabbitBroker, redis_client: Redis, backend: FakeBackend
+) -> None:
+    backend.error_shape = shape  # type: ignore[assignment]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}
+    request = make_request(MODEL, stream=True, body=body)
+    await send(broker, agent.site_id, request)
+    failure, final = await read_stream(redis_client, request.request_id)
+    assert isinstance(failure, Failure)
+    assert failure.error.status == 400
+    assert failure.error.message == "max_tokens must be at least 1, got -1."
+    assert (failure.error.type, failure.error.param) == ("BadRequestError", "max_tokens")
+    assert isinstance(final, Final)
+    assert (final.outcome, final.usage) == ("failed", Usage())
+
+
+async def test_unreachable_instance_is_skipped_and_all_unreachable_is_a_502(
+    rabbit_url: str,
+    redis_url: str,
+    backend: FakeBackend,
+    broker: RabbitBroker,
+    redis_client: Redis,
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    other = unique("dead-model")
+    settings = agent_settings(rabbit_url, redis_url, {MODEL: [dead, backend.url], other: [dead]})
+    async with running(settings):
+        ok = make_request(MODEL)
+        await send(broker, settings.site_id, ok)
+        response, _ = await read_stream(redis_client, ok.request_id)
+        assert isinstance(response, Response)
+
+        down = make_request(other)
+        await send(broker, settings.site_id, down)
+        failure, final = await read_stream(redis_client, down.request_id)
+        assert isinstance(failure, Failure)
+        assert (failure.error.status, failure.error.code) == (502, "backend_unavailable")
+        assert isinstance(final, Final)
+
+        unknown = make_request(unique("unknown-model"))
+        await send(broker, settings.site_id, unknown)
+        failure, _ = await read_stream(redis_client, unknown.request_id)
+        assert isinstance(failure, Failure)
+        assert (failure.error.status, failure.error.code) == (503, "model_not_served")
+
+
+async def test_silent_backend_ends_with_a_504(
+    rabbit_url: str,
+    redis_url: str,
+    backend: FakeBackend,
+    broker: RabbitBroker,
+    redis_client: Redis,
+) -> None:
+    settings = agent_settings(rabbit_url, redis_url, {MODEL: [backend.url]})
+    settings.backend_read_timeout_s = 0.3
+    backend.chunk_delay_s = 1.5
+    async with running(settings):
+        request = make_request(MODEL, stream=True)
+        await send(broker, settings.site_id, request)
+        *_, failure, final = await read_stream(redis_client, request.request_id)
+    assert isinstance(failure, Failure)
+    assert (failure.error.status, failure.error.code) == (504, "backend_timeout")
+    assert isinstance(final, Final)
+    assert final.outcome == "failed"
+    assert final.usage.completion_tokens == 1  # the one chunk that did arrive
+
+
+async def test_poison_message_is_dead_lettered_and_the_agent_keeps_serving(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis, channel: Any
+) -> None:
+    dead = await tap(channel, names.DEAD_EXCHANGE, "")
+    queue = names.site_queue(agent.site_id, "interactive")
+    await broker.publish(
+        b"\x93not a message",
+        exchange=topology.SITES,
+        routing_key=names.site_routing_key(agent.site_id, "interactive"),
+        persist=True,
+    )
+    raw = await dead.get_raw()
+    assert raw.body == b"\x93not a message"
+    (death, *_) = raw.headers["x-death"]
+    assert (death["reason"], death["queue"]) == ("rejected", queue)
+    request = make_request(MODEL)
+    await send(broker, agent.site_id, request)
+    response, _ = await read_stream(redis_client, request.request_id)
+    assert isinstance(response, Response)
+
+
+async def test_heartbeat_says_hot_with_capacity_then_cold_when_unhealthy(
+    agent: Settings, channel: Any, backend: FakeBackend
+) -> None:
+    beats = await tap(channel, names.HEARTBEATS_EXCHANGE, "")
+
+    async def next_beat() -> SiteHeartbeat:
+        while True:
+            message, _ = await beats.get()
+            if isinstance(message, SiteHeartbeat) and message.site_id == agent.site_id:
+                return message
+
+    beat = await next_beat()
+    (status,) = beat.models
+    assert (status.model, status.state, status.instances) == (MODEL, "hot", 1)
+    assert status.capacity == agent.max_concurrency_per_instance
+    assert status.kv_cache_usage == 0.125
+    assert beat.interval_s == agent.heartbeat_interval_s
+    assert abs(beat.sent_at - time.time()) < 5
+
+    backend.healthy = False
+    for _ in range(10):
+        beat = await next_beat()
+        if beat.models[0].state == "cold":
+            break
+    assert (beat.models[0].state, beat.models[0].capacity) == ("cold", 0)
+
+
+async def test_agent_stops_cleanly_while_idle(
+    rabbit_url: str, redis_url: str, backend: FakeBackend
+) -> None:
+    settings = agent_settings(rabbit_url, redis_url, {MODEL: [backend.url]})
+    started = time.monotonic()
+    async with running(settings):
+        await asyncio.sleep(0.1)
+    assert time.monotonic() - started < 5
+
+
+async def test_ops_routes_report_ready_and_status(
+    rabbit_url: str, redis_url: str, backend: FakeBackend
+) -> None:
+    settings = agent_settings(rabbit_url, redis_url, {MODEL: [backend.url]})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
+            ready = await client.get("/ready")
+            status = (await client.get("/status")).json()
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"broker": "ok", "redis": "ok"}
+    assert status["site_id"] == settings.site_id
+    assert status["models"][0]["state"] == "hot"
+
+
+async def test_request_with_records_but_no_final_is_ended_not_regenerated(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis, backend: FakeBackend
+) -> None:
+    request = make_request(MODEL, stream=True)
+    earlier = Chunk(data=b'{"choices":[{"delta":{"content":"Hel"}}]}')
+    await redis_client.xadd(
+        names.stream_key(request.request_id), {names.RECORD_FIELD: encode(earlier)}
+    )
+    hits = sum(backend.hits.values())
+    await send(broker, agent.site_id, request)
+    chunk, failure, final = await read_stream(redis_client, request.request_id)
+    assert chunk == earlier
+    assert isinstance(failure, Failure)
+    assert (failure.error.status, failure.error.code) == (502, "generation_interrupted")
+    assert isinstance(final, Final)
+    assert final.outcome == "failed"
+    assert sum(backend.hits.values()) == hits
