@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 RABBIT_URL = os.environ.get("FIRST_TEST_RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RABBIT_API = os.environ.get("FIRST_TEST_RABBIT_API", "http://127.0.0.1:15672/api")
@@ -31,18 +33,29 @@ def _rabbit_auth() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def rabbit_url() -> Iterator[str]:
-    """A fresh vhost on the shared RabbitMQ for this session; deleted afterwards."""
-    vhost = f"first-test-{secrets.token_hex(4)}"
-    quoted = urllib.parse.quote(vhost, safe="")
+def new_rabbit_url() -> Iterator[Callable[[], str]]:
+    """Make fresh vhosts on the shared RabbitMQ (one per isolated stack); delete them afterwards."""
     user = _rabbit_auth()[0]
+    made: list[str] = []
     with httpx.Client(base_url=RABBIT_API, auth=_rabbit_auth(), timeout=10) as api:
-        api.put(f"/vhosts/{quoted}").raise_for_status()
-        perms = {"configure": ".*", "write": ".*", "read": ".*"}
-        api.put(f"/permissions/{quoted}/{user}", json=perms).raise_for_status()
-        base = RABBIT_URL.rstrip("/")
-        yield f"{base}/{quoted}"
-        api.delete(f"/vhosts/{quoted}")
+
+        def make() -> str:
+            vhost = urllib.parse.quote(f"first-test-{secrets.token_hex(4)}", safe="")
+            api.put(f"/vhosts/{vhost}").raise_for_status()
+            perms = {"configure": ".*", "write": ".*", "read": ".*"}
+            api.put(f"/permissions/{vhost}/{user}", json=perms).raise_for_status()
+            made.append(vhost)
+            return f"{RABBIT_URL.rstrip('/')}/{vhost}"
+
+        yield make
+        for vhost in made:
+            api.delete(f"/vhosts/{vhost}")
+
+
+@pytest.fixture(scope="session")
+def rabbit_url(new_rabbit_url: Callable[[], str]) -> str:
+    """A fresh vhost for this session's tests."""
+    return new_rabbit_url()
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +66,27 @@ def rabbit_api() -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """A Redis database number picked at random for this session."""
-    db = 1 + secrets.randbelow(15)
-    return f"{REDIS_URL.rstrip('/')}/{db}"
+def new_redis_url() -> Callable[[], str]:
+    """Hand out distinct Redis database numbers (1-15, in random order), flushed first."""
+    numbers = list(range(1, 16))
+    random.SystemRandom().shuffle(numbers)
+
+    def make() -> str:
+        url = f"{REDIS_URL.rstrip('/')}/{numbers.pop()}"
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+        return url
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def redis_url(new_redis_url: Callable[[], str]) -> str:
+    """A Redis database of this session's own."""
+    return new_redis_url()
 
 
 async def _pg_admin(sql: str) -> None:

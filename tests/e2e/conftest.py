@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +71,16 @@ async def _key(database_url: str, user: str) -> str:
 @pytest.fixture(scope="session")
 def stack(
     vllm_backends: dict[str, Backend],
-    rabbit_url: str,
-    redis_url: str,
+    new_rabbit_url: Callable[[], str],
+    new_redis_url: Callable[[], str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    """Router, site agent, accounting and gateway over the real vLLM backends."""
+    """Router, site agent, accounting and gateway over the real vLLM backends.
+
+    The stack has its own vhost and Redis database: other tests' routers and registries
+    never see it.
+    """
+    rabbit_url, redis_url = new_rabbit_url(), new_redis_url()
     run_dir: Path = tmp_path_factory.mktemp("stack")
     database_url = f"sqlite+aiosqlite:///{run_dir / 'first.db'}"
     config = StackConfig(

@@ -125,7 +125,7 @@ async def test_completions_async_client_stream_and_non_stream_match_vllm(
     raw = await aclient.completions.with_raw_response.create(
         model=CHAT, prompt=prompt, stream=True, stream_options={"include_usage": True}, **GREEDY
     )
-    stream = await raw.parse()
+    stream = raw.parse()
     chunks = [chunk async for chunk in stream]
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.choices[0].text
     assert chunks[-1].usage is not None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -24,10 +24,19 @@ class GatewayUnderTest:
     settings: Settings
 
 
+@pytest.fixture(scope="module")
+def gateway_space(
+    new_rabbit_url: Callable[[], str], new_redis_url: Callable[[], str]
+) -> tuple[str, str]:
+    """A vhost and Redis database for this module only: no other test's site is live here."""
+    return new_rabbit_url(), new_redis_url()
+
+
 @pytest.fixture
 async def gateway(
-    rabbit_url: str, redis_url: str, sqlite_url: str
+    gateway_space: tuple[str, str], sqlite_url: str
 ) -> AsyncIterator[GatewayUnderTest]:
+    rabbit_url, redis_url = gateway_space
     settings = Settings(
         rabbit_url=rabbit_url,
         redis_url=redis_url,

@@ -15,8 +15,8 @@ CHAT = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-async def requests_queue_depth(rabbit_url: str) -> AsyncIterator[Any]:
-    connection = await aio_pika.connect(rabbit_url, timeout=10)
+async def requests_queue_depth(gateway_space: tuple[str, str]) -> AsyncIterator[Any]:
+    connection = await aio_pika.connect(gateway_space[0], timeout=10)
     channel = await connection.channel()
 
     async def depth() -> int:
