@@ -25,11 +25,11 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import names
-from schemas.codec import DecodeError, usage_decoder
-from schemas.messages import UsageRecorded
+from schemas.codec import usage_decoder
 from services.accounting.errors import LedgerUnavailable
 from services.accounting.ledger import RetryPolicy, record_with_retry
 from services.common import topology
+from services.common.broker import decode_or_reject
 from services.common.logging import request_id_var, site_id_var, user_id_var
 
 logger = logging.getLogger(__name__)
@@ -44,23 +44,6 @@ for _result in RESULTS:
     EVENTS.labels(_result)  # export every series from the start, at zero
 
 
-async def _decode_or_reject(msg: RabbitMessage) -> UsageRecorded | None:
-    """Return the event, or reject the message to `first.dead` (logged once) and return None."""
-    try:
-        return usage_decoder.decode(msg.body)
-    except DecodeError as exc:
-        logger.warning(
-            "rejecting a usage message to %s: cannot decode %d bytes (message_id=%s): %s",
-            names.DEAD_EXCHANGE,
-            len(msg.body),
-            msg.message_id,
-            exc,
-        )
-        await msg.reject(requeue=False)
-        EVENTS.labels("rejected").inc()
-        return None
-
-
 def register_usage_subscriber(
     broker: RabbitBroker, engine: AsyncEngine, retry: RetryPolicy
 ) -> RabbitSubscriber:
@@ -71,8 +54,9 @@ def register_usage_subscriber(
     @subscriber
     async def on_usage_recorded(msg: RabbitMessage) -> None:
         """Write one UsageRecorded to the ledger, once per request_id."""
-        event = await _decode_or_reject(msg)
+        event = await decode_or_reject(msg, usage_decoder)
         if event is None:
+            EVENTS.labels("rejected").inc()
             return
         request_id_var.set(event.request_id)
         user_id_var.set(event.user_id)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from services.common.db import make_engine
 from services.devstack.procs import ProcessGroup
 from services.devstack.stack import (
     Backend,
@@ -23,7 +22,7 @@ from services.devstack.stack import (
     start_backends,
     start_services,
 )
-from services.gateway import apikeys
+from tests.e2e.helpers import new_key
 
 
 def free_port() -> int:
@@ -58,16 +57,6 @@ class Stack:
         return self.config.base_url
 
 
-async def _key(database_url: str, user: str) -> str:
-    engine = make_engine(database_url)
-    try:
-        await apikeys.create_schema(engine)
-        key, _ = await apikeys.create_key(engine, user)
-        return key
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(scope="session")
 def stack(
     vllm_backends: dict[str, Backend],
@@ -98,7 +87,7 @@ def stack(
     group = ProcessGroup(run_dir / "logs")
     try:
         start_services(group, config)
-        key = asyncio.run(_key(database_url, "researcher"))
+        key = asyncio.run(new_key(database_url, "researcher"))
         yield Stack(config, group, key, database_url, vllm_backends)
     finally:
         group.stop_all()

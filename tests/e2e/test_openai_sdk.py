@@ -6,14 +6,16 @@ temperature 0, and the ledger's tokens with the usage vLLM reported.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
 from tests.e2e.conftest import Stack
-from tests.e2e.helpers import ledger_row
+from tests.e2e.helpers import ledger_row, new_key
 
 pytestmark = pytest.mark.vllm
 
@@ -173,3 +175,41 @@ def test_upstream_400_on_a_stream_is_a_400_before_any_event(client: openai.OpenA
         client.chat.completions.create(
             model=CHAT, messages=MESSAGES, max_tokens=100_000, stream=True
         )
+
+
+async def test_admin_usage_report_over_http_sums_what_was_billed(stack: Stack) -> None:
+    user = f"report-{stack.config.site_id}"
+    key = await new_key(stack.database_url, user)
+    admin = await new_key(stack.database_url, "operator", admin=True)
+    client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=key, max_retries=0, timeout=120)
+    usages = []
+    for prompt in ("One", "Two"):
+        reply = await client.completions.create(model=CHAT, prompt=prompt, **GREEDY)
+        assert reply.usage is not None
+        usages.append(reply.usage)
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as http:
+        for _ in range(100):  # the ledger is written asynchronously: wait for both rows
+            response = await http.get(
+                "/usage/report", params={"by": "user"}, headers={"authorization": f"Bearer {admin}"}
+            )
+            assert response.status_code == 200
+            rows = {row["key"]: row for row in response.json()["data"]}
+            if rows.get(user, {}).get("requests") == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert rows[user] == {
+            "key": user,
+            "requests": 2,
+            "prompt_tokens": sum(u.prompt_tokens for u in usages),
+            "completion_tokens": sum(u.completion_tokens for u in usages),
+            "total_tokens": sum(u.total_tokens for u in usages),
+        }
+        csv = await http.get(
+            "/usage/report",
+            params={"by": "model", "format": "csv"},
+            headers={"authorization": f"Bearer {admin}"},
+        )
+        assert csv.headers["content-type"].startswith("text/csv")
+        assert csv.text.splitlines()[0].startswith("model,requests,prompt_tokens")
+        forbidden = await http.get("/usage/report", headers={"authorization": f"Bearer {key}"})
+        assert forbidden.status_code == 403
