@@ -41,6 +41,8 @@ class RunInference(Message, tag=True, frozen=True, kw_only=True):
     created_at: float
     expires_at: float
     site_id: str = ""
+    allowed_sites: tuple[str, ...] = ()
+    """The catalogue's sites for this model; empty means any site that serves it."""
 
 
 class UsageRecorded(Message, tag=True, frozen=True, kw_only=True):

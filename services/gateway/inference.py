@@ -123,6 +123,7 @@ async def handle(
         body=body,
         created_at=now,
         expires_at=now + gw.settings.first_record_timeout_s,
+        allowed_sites=tuple(entry.sites),
     )
     request_id_var.set(job.request_id)
     return await _run(gw, job)

@@ -37,6 +37,8 @@ def choose_site(
 ) -> str | None:
     """Pick the live site serving `request.model` hot with the most free capacity.
 
+    Only the request's `allowed_sites` are candidates when it names any (the catalogue's).
+
     `sent` counts, per site, what this router dispatched that the site's last heartbeat does
     not reflect yet. Ties go to the smallest site_id, so replicas decide alike. None when no
     live site has the model hot.
@@ -45,6 +47,8 @@ def choose_site(
     best: tuple[int, str] | None = None
     for heartbeat in sites:
         if not is_live(heartbeat, now, ttl_s):
+            continue
+        if request.allowed_sites and heartbeat.site_id not in request.allowed_sites:
             continue
         status = hot_status(heartbeat, request.model)
         if status is None:

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from services.devstack.stack import service_port
 from tests.e2e.conftest import Stack
 from tests.e2e.helpers import ledger_row, new_key
 
@@ -213,3 +214,19 @@ async def test_admin_usage_report_over_http_sums_what_was_billed(stack: Stack) -
         assert csv.text.splitlines()[0].startswith("model,requests,prompt_tokens")
         forbidden = await http.get("/usage/report", headers={"authorization": f"Bearer {key}"})
         assert forbidden.status_code == 403
+
+
+@pytest.mark.parametrize("service", ["gateway", "router", "site_agent", "accounting"])
+def test_every_service_answers_health_ready_and_metrics(stack: Stack, service: str) -> None:
+    port = service_port(stack.config, service)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        ready = http.get("/ready")
+        assert ready.status_code == 200
+        assert ready.json()["ready"] is True
+        assert set(ready.json()["checks"].values()) == {"ok"}
+        metrics = http.get("/metrics")
+        assert metrics.status_code == 200
+        assert "process_cpu_seconds_total" in metrics.text
+    if service == "gateway":
+        assert "first_gateway_first_record_seconds_count" in metrics.text

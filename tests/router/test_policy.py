@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from schemas.messages import ModelState, ModelStatus, RunInference, SiteHeartbeat
 from services.router.policy import choose_site, free_capacity
 
@@ -104,3 +106,12 @@ def test_free_capacity_subtracts_everything() -> None:
     status = beat("a", capacity=10, running=3, waiting=2).models[0]
     assert free_capacity(status) == 5
     assert free_capacity(status, 7) == -2
+
+
+def test_only_the_catalogues_allowed_sites_are_candidates() -> None:
+    restricted = msgspec.structs.replace(request(), allowed_sites=("busy",))
+    sites = [beat("roomy", capacity=64), beat("busy", capacity=8, running=8)]
+    assert choose_site(restricted, sites, NOW, TTL) == "busy"
+    assert choose_site(request(), sites, NOW, TTL) == "roomy"
+    nowhere = msgspec.structs.replace(request(), allowed_sites=("elsewhere",))
+    assert choose_site(nowhere, sites, NOW, TTL) is None
