@@ -34,9 +34,15 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 
 class Chunk(Record, tag=True, frozen=True, kw_only=True):
-    """One SSE event's JSON payload, exactly as the backend sent it."""
+    """One SSE event's JSON payload as the client gets it.
+
+    `usage` is the backend's cumulative count up to and including this chunk (vLLM's
+    `continuous_usage_stats`): if the generation breaks off, the last delivered chunk says
+    exactly what to bill.
+    """
 
     data: bytes
+    usage: Usage | None = None
 
 
 class Response(Record, tag=True, frozen=True, kw_only=True):

@@ -15,33 +15,24 @@ it, so a bill outlives even a long database outage.
 from __future__ import annotations
 
 import logging
-from typing import Final
+import time
 
 from faststream import AckPolicy
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.annotations import RabbitMessage
 from faststream.rabbit.subscriber import RabbitSubscriber
-from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import names
 from schemas.codec import usage_decoder
 from services.accounting.errors import LedgerUnavailable
 from services.accounting.ledger import RetryPolicy, record_with_retry
+from services.accounting.metrics import EVENTS, LEDGER_WRITE
 from services.common import topology
 from services.common.broker import decode_or_reject
 from services.common.logging import request_id_var, site_id_var, user_id_var
 
 logger = logging.getLogger(__name__)
-
-RESULTS: Final = ("recorded", "duplicate", "rejected", "requeued")
-EVENTS: Final = Counter(
-    "first_accounting_usage_events",
-    "Usage events the accounting consumer settled, by result",
-    ["result"],
-)
-for _result in RESULTS:
-    EVENTS.labels(_result)  # export every series from the start, at zero
 
 
 def register_usage_subscriber(
@@ -61,16 +52,26 @@ def register_usage_subscriber(
         request_id_var.set(event.request_id)
         user_id_var.set(event.user_id)
         site_id_var.set(event.site_id)
+        started = time.monotonic()
         try:
             inserted = await record_with_retry(engine, event, retry)
         except LedgerUnavailable as exc:
+            LEDGER_WRITE.labels("unavailable").observe(time.monotonic() - started)
             logger.error("ledger unavailable, usage goes back to the queue: %s", exc)
             await msg.nack(requeue=True)
             EVENTS.labels("requeued").inc()
             return
-        await msg.ack()
         result = "recorded" if inserted else "duplicate"
+        LEDGER_WRITE.labels(result).observe(time.monotonic() - started)
+        await msg.ack()
         EVENTS.labels(result).inc()
-        logger.debug("usage %s", result)
+        logger.info(
+            "usage %s: %s, %d prompt + %d completion tokens, %s",
+            result,
+            event.model,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.outcome,
+        )
 
     return subscriber

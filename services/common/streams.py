@@ -12,8 +12,8 @@ from typing import cast
 from redis.asyncio import Redis
 
 from schemas import names
-from schemas.codec import encode, record_decoder
-from schemas.records import AnyRecord, ErrorInfo, Failure, Final, Record, Usage
+from schemas.codec import DecodeError, encode, record_decoder
+from schemas.records import AnyRecord, Chunk, ErrorInfo, Failure, Final, Record, Usage
 
 
 async def append(redis: Redis, request_id: str, *records: Record, ttl_s: float) -> None:
@@ -43,10 +43,37 @@ async def last_record(redis: Redis, request_id: str) -> AnyRecord | None:
     return record
 
 
+async def delivered_usage(redis: Redis, request_id: str, scan: int = 16) -> Usage:
+    """Return the cumulative usage of the last delivered chunk (zero if none says it).
+
+    Only the newest `scan` entries are read: a usage-carrying chunk is always among them.
+    """
+    key = names.stream_key(request_id)
+    entries = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], await redis.xrevrange(key, "+", "-", count=scan)
+    )
+    for _entry_id, fields in entries:
+        try:
+            record = record_decoder.decode(fields[names.RECORD_FIELD])
+        except (KeyError, DecodeError):
+            continue
+        if isinstance(record, Chunk) and record.usage is not None:
+            return record.usage
+    return Usage()
+
+
 async def fail(
-    redis: Redis, request_id: str, error: ErrorInfo, *, site_id: str, ttl_s: float
+    redis: Redis,
+    request_id: str,
+    error: ErrorInfo,
+    *,
+    site_id: str,
+    ttl_s: float,
+    usage: Usage | None = None,
 ) -> Final:
-    """End a request's stream with `error` and a failed, unbilled Final; return that Final."""
-    final = Final(outcome="failed", usage=Usage(), site_id=site_id, finished_at=time.time())
+    """End a request's stream with `error` and a failed Final billing `usage` (default none)."""
+    final = Final(
+        outcome="failed", usage=usage or Usage(), site_id=site_id, finished_at=time.time()
+    )
     await append(redis, request_id, Failure(error=error), final, ttl_s=ttl_s)
     return final

@@ -19,10 +19,11 @@ from services.common.db import make_engine
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
 from services.common.topology import declare_topology
-from services.gateway import apikeys, metrics
+from services.gateway import apikeys
 from services.gateway.auth import ApiKeyAuthenticator
 from services.gateway.errors import ApiError, error_response
 from services.gateway.inference import Gateway
+from services.gateway.middleware import ObserveRequests
 from services.gateway.registry import RegistryView
 from services.gateway.routes import router
 from services.gateway.settings import Settings
@@ -44,7 +45,9 @@ def create_app(settings: Settings) -> FastAPI:
         await ledger.create_schema(engine)  # the report reads it, even before any usage
         await broker.connect()
         await declare_topology(broker)
-        reader = StreamReader(settings.redis_url, redis, settings.read_block_ms)
+        reader = StreamReader(
+            settings.redis_url, redis, settings.read_block_ms, settings.redis_give_up_s
+        )
         await reader.start()
         app.state.gateway = Gateway(
             settings=settings,
@@ -64,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
             await engine.dispose()
 
     app = FastAPI(title="FIRST gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(ObserveRequests)
     app.include_router(router)
     app.include_router(usage_router)
     _add_error_handlers(app)
@@ -83,7 +87,6 @@ def create_app(settings: Settings) -> FastAPI:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        metrics.REQUESTS.labels(request.url.path, str(exc.status)).inc()
         return error_response(exc.info(), exc.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -153,6 +153,7 @@ async def _run(gw: Gateway, job: RunInference) -> Response:
     gw.reader.unsubscribe(sub)
     metrics.IN_FLIGHT.dec()
     metrics.LATENCY.labels(job.endpoint).observe(time.monotonic() - started)
+    metrics.count_tokens(job.model, first)
     return _whole(first, headers)
 
 
@@ -222,6 +223,7 @@ async def _relay(
                 yield _sse(_json.encode(error_body(record.error)))
             elif isinstance(record, Final):
                 finished = True
+                metrics.count_tokens(job.model, record)
                 yield b"data: [DONE]\n\n"
                 return
             try:

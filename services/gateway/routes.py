@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
+from services.common.logging import user_id_var
 from services.gateway.auth import ApiKeyAuthenticator, Principal
 from services.gateway.inference import Gateway, handle, model_not_found
 from services.gateway.registry import serving_sites
@@ -24,7 +25,9 @@ async def get_principal(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
     authenticator: ApiKeyAuthenticator = request.app.state.authenticator
-    return await authenticator.authenticate(authorization)
+    principal = await authenticator.authenticate(authorization)
+    user_id_var.set(principal.user_id)  # every log line of this request names its caller
+    return principal
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]

@@ -57,5 +57,7 @@ class Settings(CommonSettings):
     record_timeout_s: float = 120.0
     """Bound on the gap between two stream records."""
     read_block_ms: int = 1000
+    redis_give_up_s: float = 3.0
+    """After Redis has been unreachable this long, in-flight requests end with a 503 error."""
     apikey_cache_ttl_s: float = 60.0
     registry_cache_s: float = 0.5

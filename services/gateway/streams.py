@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from schemas import names
 from schemas.codec import DecodeError, record_decoder
-from schemas.records import AnyRecord, Final
+from schemas.records import AnyRecord, ErrorInfo, Failure, Final, Usage
 from services.common.ids import new_request_id
 from services.common.redis import make_redis
 
@@ -28,6 +28,13 @@ logger = logging.getLogger(__name__)
 WAKE_MAXLEN = 100
 WAKE_TTL_S = 3600
 READ_COUNT = 256
+STREAM_UNAVAILABLE = ErrorInfo(
+    status=503,
+    message="The stream store (Redis) is unreachable; the request's outcome is unknown. "
+    "It is billed at most once, for what its site delivered.",
+    type="service_unavailable",
+    code="stream_unavailable",
+)
 
 
 class Subscription:
@@ -47,13 +54,16 @@ class Subscription:
 class StreamReader:
     """Owns the blocking connection and the read loop."""
 
-    def __init__(self, redis_url: str, commands: Redis, block_ms: int) -> None:
+    def __init__(
+        self, redis_url: str, commands: Redis, block_ms: int, give_up_s: float = 3.0
+    ) -> None:
         # The blocking client's socket timeout must exceed BLOCK (redis-py's default is 5 s).
         self._blocking = make_redis(
             redis_url, socket_timeout=block_ms / 1000 + 5, max_connections=2
         )
         self._commands = commands
         self._block_ms = block_ms
+        self._give_up_s = give_up_s
         self._wake_key = names.wake_key(new_request_id())
         self._wake_last = f"{int(time.time() * 1000)}-0"
         self._subs: dict[str, Subscription] = {}
@@ -92,8 +102,21 @@ class StreamReader:
             pipe.expire(self._wake_key, WAKE_TTL_S)
             await pipe.execute()
 
+    def _fail_all(self) -> None:
+        """End every followed request with a clear error: their records cannot be read."""
+        if not self._subs:
+            return
+        logger.error(
+            "stream reader: Redis unreachable; ending %d in-flight requests", len(self._subs)
+        )
+        final = Final(outcome="failed", usage=Usage(), site_id="", finished_at=time.time())
+        for sub in self._subs.values():
+            sub.queue.put_nowait(Failure(error=STREAM_UNAVAILABLE))
+            sub.queue.put_nowait(final)
+        self._subs.clear()
+
     async def _run(self) -> None:
-        backoff = 0.1
+        backoff, failing_since = 0.1, 0.0
         while True:
             streams = {self._wake_key: self._wake_last}
             streams.update({key: sub.last_id for key, sub in self._subs.items()})
@@ -103,12 +126,17 @@ class StreamReader:
                     count=READ_COUNT,
                     block=self._block_ms,
                 )
-            except RedisError:
-                logger.exception("stream reader: Redis read failed; retrying in %.1fs", backoff)
+            except RedisError as exc:
+                failing_since = failing_since or time.monotonic()
+                logger.warning(
+                    "stream reader: Redis read failed (%s); retrying in %.1fs", exc, backoff
+                )
+                if time.monotonic() - failing_since >= self._give_up_s:
+                    self._fail_all()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            backoff = 0.1
+            backoff, failing_since = 0.1, 0.0
             for key, entries in response or []:
                 self._deliver(key.decode() if isinstance(key, bytes) else key, entries)
 

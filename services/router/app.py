@@ -19,6 +19,7 @@ from services.common import topology
 from services.common.broker import make_broker
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
+from services.router import metrics
 from services.router.deadletter import handle_dead
 from services.router.handlers import Deps, handle_heartbeat, handle_request
 from services.router.registry import Registry
@@ -72,9 +73,11 @@ def create_app(settings: Settings) -> FastAPI:
             logger.warning("registry: cannot load the Redis mirror: %s", exc)
         await broker.start()
         sweeper = asyncio.create_task(registry.run_sweeper(settings.sweep_interval_s))
+        metrics.SITES.attach(registry)
         try:
             yield
         finally:
+            metrics.SITES.detach(registry)
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper

@@ -18,11 +18,13 @@ from schemas.codec import DecodeError, run_inference_decoder
 from schemas.messages import RunInference
 from schemas.records import Final
 from services.common import streams
-from services.common.logging import request_id_var, user_id_var
-from services.router import errors
+from services.common.logging import request_id_var, site_id_var, user_id_var
+from services.router import errors, metrics
 from services.router.handlers import Deps
 
 logger = logging.getLogger(__name__)
+
+ALREADY_FINISHED = "already finished"
 
 
 def _text(value: object) -> str:
@@ -50,11 +52,16 @@ async def handle_dead(msg: RabbitMessage, deps: Deps) -> None:
         request: RunInference | None = run_inference_decoder.decode(msg.body)
     except DecodeError:
         request = None
+    metrics.DEAD_LETTERS.labels(queue, reason).inc()
     stream = "not a request"
     if request is not None:
         request_id_var.set(request.request_id)
         user_id_var.set(request.user_id)
+        if request.site_id:
+            site_id_var.set(request.site_id)
         stream = await _end_stream(deps, request, reason)
+        if stream != ALREADY_FINISHED:
+            metrics.FAILED.labels("dead_lettered").inc()
     logger.warning(
         "dead letter: type=%s id=%s reason=%s queue=%s deaths=%d bytes=%d stream=%s",
         msg.raw_message.type,
@@ -77,7 +84,7 @@ async def _end_stream(deps: Deps, request: RunInference, reason: str) -> str:
     except RedisError as exc:
         return f"unreadable ({exc})"
     if isinstance(last, Final):
-        return "already finished"
+        return ALREADY_FINISHED
     try:
         await streams.fail(
             deps.redis,

@@ -18,7 +18,7 @@ from schemas.messages import RunInference
 from services.common import streams, topology
 from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
 from services.common.logging import request_id_var, site_id_var, user_id_var
-from services.router import errors
+from services.router import errors, metrics
 from services.router.policy import choose_site
 from services.router.registry import Registry
 from services.router.settings import Settings
@@ -50,6 +50,7 @@ async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
     """Send one RunInference to a site's queue, or end its stream with a 503."""
     request = await decode_or_reject(msg, run_inference_decoder)
     if request is None:
+        metrics.FAILED.labels("undecodable").inc()
         return
     request_id_var.set(request.request_id)
     user_id_var.set(request.user_id)
@@ -74,8 +75,13 @@ async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
         await msg.nack(requeue=True)
         return
     deps.registry.record_sent(site_id)
-    logger.debug("dispatched %s to %s", request.model, site_id)
     await msg.ack()
+    queued_s = max(0.0, time.time() - request.created_at)
+    metrics.ROUTED.labels(site_id, request.priority).inc()
+    metrics.QUEUE_WAIT.labels(request.priority).observe(queued_s)
+    logger.info(
+        "routed %s (%s) to site %s after %.3f s", request.model, request.priority, site_id, queued_s
+    )
 
 
 async def _fail_no_site(
@@ -92,6 +98,7 @@ async def _fail_no_site(
         return
     logger.info("no live site for model %s after %.1f s", request.model, waited_s)
     await msg.ack()
+    metrics.FAILED.labels("no_site").inc()
 
 
 async def handle_heartbeat(msg: RabbitMessage, deps: Deps) -> None:

@@ -21,6 +21,7 @@ from services.common import topology
 from services.common.broker import make_broker
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
+from services.site_agent import metrics
 from services.site_agent.backends import Backends
 from services.site_agent.cancel import CancelWatcher
 from services.site_agent.execution import Executor
@@ -83,9 +84,11 @@ def create_app(settings: Settings) -> FastAPI:
             asyncio.create_task(heartbeat.run(), name="heartbeat"),
         ]
         logger.info("site %s serving %s", settings.site_id, ", ".join(settings.backends))
+        metrics.BACKENDS.attach(backends)
         try:
             yield
         finally:
+            metrics.BACKENDS.detach(backends)
             tasks[1].cancel()
             await broker.stop()  # waits (bounded) for requests in flight; they need the watcher
             tasks[0].cancel()

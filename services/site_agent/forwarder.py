@@ -1,12 +1,13 @@
 """Forward one request to a vLLM instance over HTTP and write its records to the request's stream.
 
-Streaming: vLLM is always asked for usage (`stream_options.include_usage`); it then ends with a
-chunk that has empty `choices` and the usage, which is passed on only to clients that asked.
-Each SSE `data:` payload becomes one `Chunk` record, byte for byte, in order.
+Streaming: vLLM is always asked for usage in every chunk (`stream_options.include_usage` and
+`continuous_usage_stats`). Each SSE `data:` payload becomes one `Chunk` record, in order, with
+the cumulative usage beside it and the `usage` key taken out of the client's bytes (clients get
+OpenAI's shape: usage only in the final usage-only chunk, and only if they asked for it). So a
+stream that breaks off or is cancelled bills exactly the tokens of the chunks it delivered.
 
-Usage counted when vLLM gives none (a cancelled or broken stream): completion tokens are the
-number of chunks with non-empty content (vLLM sends about one token per chunk), prompt tokens
-are unknown and counted as 0.
+A backend that sends no usage at all (not vLLM) is billed by counting chunks with content as
+completion tokens, prompt tokens 0.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from redis.asyncio import Redis
 from schemas.messages import Endpoint, Outcome, RunInference
 from schemas.records import Chunk, ErrorInfo, Failure, Record, Response, Usage
 from services.common import streams
-from services.site_agent import errors
+from services.site_agent import errors, metrics
 from services.site_agent.backends import Pool
 from services.site_agent.settings import Settings
 
@@ -97,7 +98,7 @@ def backend_body(request: RunInference) -> bytes:
         raise errors.InvalidBody("The request body must be a JSON object.")
     if is_streaming(request):
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     return msgspec.json.encode(body)
 
 
@@ -150,6 +151,7 @@ class Forwarder:
         await streams.append(
             self._redis, request.request_id, *records, ttl_s=self._settings.stream_ttl_s
         )
+        metrics.written(records)
 
     async def _fail(self, request: RunInference, progress: Progress, error: ErrorInfo) -> Result:
         logger.info("request failed: %s %s", error.status, error.code)
@@ -231,14 +233,26 @@ class Forwarder:
             payload = _Payload()
         if payload.error is not None or payload.object == "error":
             return errors.from_backend(None, data)
-        if payload.usage is not None:
-            progress.usage = Usage(
-                prompt_tokens=payload.usage.prompt_tokens,
-                completion_tokens=payload.usage.completion_tokens,
-            )
-            if not payload.choices and not request.include_usage:
-                return None
         if content_of(payload):
             progress.content_chunks += 1
-        await self._write(request, Chunk(data=data))
+        if payload.usage is None:
+            await self._write(request, Chunk(data=data))
+            return None
+        progress.usage = Usage(
+            prompt_tokens=payload.usage.prompt_tokens,
+            completion_tokens=payload.usage.completion_tokens,
+        )
+        if not payload.choices:  # vLLM's final usage-only chunk
+            if request.include_usage:
+                await self._write(request, Chunk(data=data, usage=progress.usage))
+            return None
+        await self._write(request, Chunk(data=without_usage(data), usage=progress.usage))
         return None
+
+
+def without_usage(data: bytes) -> bytes:
+    """Return a chunk's JSON without its `usage` key (kept for the agent, not the client)."""
+    chunk = msgspec.json.decode(data)
+    if isinstance(chunk, dict):
+        chunk.pop("usage", None)
+    return msgspec.json.encode(chunk)

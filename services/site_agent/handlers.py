@@ -15,6 +15,7 @@ from schemas.codec import run_inference_decoder
 from services.common import topology
 from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
 from services.common.logging import request_id_var, site_id_var, user_id_var
+from services.site_agent import metrics
 from services.site_agent.execution import Executor
 from services.site_agent.settings import Settings
 
@@ -46,16 +47,17 @@ async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
     user_id_var.set(request.user_id)
     site_id_var.set(deps.settings.site_id)
     try:
-        usage = await deps.executor.execute(request)
-        if usage is not None:
-            await publish(
-                deps.broker,
-                usage,
-                exchange=topology.USAGE,
-                routing_key=names.USAGE_ROUTING_KEY,
-                timeout=deps.settings.publish_timeout_s,
-                message_id=request.request_id,
-            )
+        with metrics.track(request):
+            usage = await deps.executor.execute(request)
+            if usage is not None:
+                await publish(
+                    deps.broker,
+                    usage,
+                    exchange=topology.USAGE,
+                    routing_key=names.USAGE_ROUTING_KEY,
+                    timeout=deps.settings.publish_timeout_s,
+                    message_id=request.request_id,
+                )
     except RETRYABLE as exc:
         logger.warning("cannot record the outcome, requeueing: %r", exc)
         await asyncio.sleep(deps.settings.retry_delay_s)
@@ -66,3 +68,11 @@ async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
         await msg.reject(requeue=False)
         return
     await msg.ack()
+    if usage is not None:
+        logger.info(
+            "%s %s: %d prompt + %d completion tokens billed",
+            request.model,
+            usage.outcome,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )

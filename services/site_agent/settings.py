@@ -30,8 +30,11 @@ class Settings(CommonSettings):
     """Unacked batch requests held at once (kept low so interactive work goes first)."""
     stream_ttl_s: float = 3600.0
     """Expiry of a request's stream, renewed on each record."""
-    claim_ttl_s: float = 60.0
-    """Expiry of a request's claim, renewed every third of it while the request runs."""
+    claim_ttl_s: float = 15.0
+    """Expiry of a request's claim, renewed every third of it while the request runs; a dead
+    agent's requests are taken over by its successor after at most this long."""
+    claim_poll_s: float = 0.5
+    """How often a delivery whose claim another agent of this site holds looks again."""
     backend_connect_timeout_s: float = 5.0
     backend_read_timeout_s: float = 60.0
     """Longest gap between two chunks of a streamed response."""

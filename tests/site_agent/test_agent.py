@@ -70,7 +70,10 @@ async def test_streams_chunks_in_order_and_ends_with_the_backends_usage(
     assert final.outcome == "completed"
     assert final.site_id == settings.site_id
     assert final.usage == Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=len(WORDS))
-    assert backend.bodies[-1]["stream_options"] == {"include_usage": True}
+    assert backend.bodies[-1]["stream_options"] == {
+        "include_usage": True,
+        "continuous_usage_stats": True,
+    }
     assert isinstance(event, UsageRecorded)
     assert (event.prompt_tokens, event.completion_tokens) == (PROMPT_TOKENS, len(WORDS))
     assert (event.outcome, event.site_id, event.user_id) == ("completed", settings.site_id, "u-1")
@@ -372,4 +375,55 @@ async def test_request_with_records_but_no_final_is_ended_not_regenerated(
     assert (failure.error.status, failure.error.code) == (502, "generation_interrupted")
     assert isinstance(final, Final)
     assert final.outcome == "failed"
+    assert sum(backend.hits.values()) == hits
+
+
+async def test_a_duplicate_delivery_while_running_is_not_generated_twice(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis, backend: FakeBackend, usage: Tap
+) -> None:
+    backend.chunk_delay_s = 0.05  # keep the first delivery running while the second arrives
+    request = make_request(MODEL, stream=True)
+    hits = sum(backend.hits.values())
+    await send(broker, agent.site_id, request)
+    await send(broker, agent.site_id, request)  # e.g. a router that died before its ack
+    records = await read_stream(redis_client, request.request_id)
+    assert isinstance(records[-1], Final)
+    assert records[-1].outcome == "completed"
+    # Both deliveries settle with the same usage (the ledger keeps one row per request_id).
+    first = await usage.get_for(request.request_id)
+    second = await usage.get_for(request.request_id)
+    assert first == second
+    assert sum(backend.hits.values()) == hits + 1
+    finals = [
+        r for r in await stream_records(redis_client, request.request_id) if isinstance(r, Final)
+    ]
+    assert len(finals) == 1
+
+
+async def test_a_dead_agents_interrupted_request_ends_billing_what_was_delivered(
+    agent: Settings,
+    broker: RabbitBroker,
+    redis_client: Redis,
+    backend: FakeBackend,
+    usage: Tap,
+) -> None:
+    """Its claim (held by an agent of this site that died) expires; the request then ends."""
+    request = make_request(MODEL, stream=True)
+    delivered = Usage(prompt_tokens=7, completion_tokens=2)
+    await redis_client.set(names.claim_key(request.request_id), f"{agent.site_id}/dead", ex=2)
+    for i, cumulative in enumerate((Usage(prompt_tokens=7, completion_tokens=1), delivered)):
+        chunk = Chunk(data=f'{{"n": {i}}}'.encode(), usage=cumulative)
+        await redis_client.xadd(
+            names.stream_key(request.request_id), {names.RECORD_FIELD: encode(chunk)}
+        )
+    hits = sum(backend.hits.values())
+    await send(broker, agent.site_id, request)
+    records = await read_stream(redis_client, request.request_id, within_s=15)
+    failure, final = records[-2:]
+    assert isinstance(failure, Failure)
+    assert failure.error.code == "generation_interrupted"
+    assert isinstance(final, Final)
+    assert (final.outcome, final.usage) == ("failed", delivered)
+    event = await usage.get_for(request.request_id)
+    assert (event.prompt_tokens, event.completion_tokens) == (7, 2)
     assert sum(backend.hits.values()) == hits
