@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import typer
 
 app = typer.Typer(
@@ -49,6 +51,44 @@ def dev() -> None:
     from services.devstack.__main__ import main
 
     main()
+
+
+@app.command("sim-vllm")
+def sim_vllm(
+    model: Annotated[str | None, typer.Option(help="Served model name [sim].")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [8100].")] = None,
+    tokens_per_s: Annotated[float | None, typer.Option(help="Tokens/s per request [200].")] = None,
+    ttft_ms: Annotated[float | None, typer.Option(help="Time to first token [20].")] = None,
+    slots: Annotated[int | None, typer.Option(help="Requests generated at once [256].")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length [2048].")] = None,
+    fail_nth: Annotated[
+        list[int] | None, typer.Option(help="Answer request N with a 500 (repeatable).")
+    ] = None,
+    close_after_tokens: Annotated[
+        int | None, typer.Option(help="Close each stream abruptly after K tokens.")
+    ] = None,
+    stall_after_tokens: Annotated[
+        int | None, typer.Option(help="Stall each stream after K tokens.")
+    ] = None,
+) -> None:
+    """Run the simulated vLLM server (settings: FIRST_SIM_VLLM_*; options override them)."""
+    from services.sim_vllm.__main__ import main
+    from services.sim_vllm.settings import Settings
+
+    given: dict[str, Any] = {
+        "model": model,
+        "host": host,
+        "port": port,
+        "tokens_per_s": tokens_per_s,
+        "ttft_ms": ttft_ms,
+        "slots": slots,
+        "max_model_len": max_model_len,
+        "fail_nth": fail_nth,
+        "close_after_tokens": close_after_tokens,
+        "stall_after_tokens": stall_after_tokens,
+    }
+    main(Settings(**{name: value for name, value in given.items() if value is not None}))
 
 
 def _register_subapps() -> None:

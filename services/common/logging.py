@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
@@ -16,6 +18,21 @@ user_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("user_i
 site_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("site_id", default=None)
 
 _CONTEXT = (("request_id", request_id_var), ("user_id", user_id_var), ("site_id", site_id_var))
+
+
+@contextlib.contextmanager
+def fresh_context() -> Iterator[None]:
+    """Clear the request/user/site ids for the block, then restore them.
+
+    Each request a server handles gets its own task (and so its own ids); this makes it
+    explicit where one caller runs many requests in one task (in-process test clients).
+    """
+    tokens = [(var, var.set(None)) for _, var in _CONTEXT]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 class _ContextFilter(logging.Filter):
@@ -63,14 +80,19 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def make_handler(stream: TextIO, *, json_logs: bool) -> logging.Handler:
+    """Return a handler writing to `stream` (JSON or text) with the context ids on each record."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
+    handler.addFilter(_ContextFilter())
+    return handler
+
+
 def configure_logging(level: str = "INFO", json_logs: bool | None = None) -> None:
     """Send all logs to stderr, as JSON unless stderr is a terminal."""
     use_json = (not sys.stderr.isatty()) if json_logs is None else json_logs
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
-    handler.addFilter(_ContextFilter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [make_handler(sys.stderr, json_logs=use_json)]
     root.setLevel(level.upper())
     logging.captureWarnings(True)  # warnings become log records too: one format per stream
     for noisy in ("aiormq", "aio_pika", "httpx", "httpcore", "uvicorn.access"):

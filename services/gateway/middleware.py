@@ -7,6 +7,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.logging import fresh_context
 from services.gateway import metrics
 
 logger = logging.getLogger(__name__)
@@ -40,19 +41,18 @@ class ObserveRequests:
                         request_id = value.decode("latin-1")
             await send(message)
 
-        try:
-            await self.app(scope, receive, observe_start)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", UNMATCHED)
-            metrics.REQUESTS.labels(endpoint, str(status)).inc()
-            if scope["path"] not in QUIET_PATHS:
-                extra = {"request_id": request_id} if request_id else None
-                logger.info(
-                    "%s %s %d in %.3f s",
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    time.monotonic() - started,
-                    extra=extra,
-                )
+        with fresh_context():
+            try:
+                await self.app(scope, receive, observe_start)
+            finally:
+                self._observe(scope, status, request_id, time.monotonic() - started)
+
+    @staticmethod
+    def _observe(scope: Scope, status: int, request_id: str | None, elapsed_s: float) -> None:
+        endpoint = getattr(scope.get("route"), "path", UNMATCHED)
+        metrics.REQUESTS.labels(endpoint, str(status)).inc()
+        if scope["path"] not in QUIET_PATHS:
+            extra = {"request_id": request_id} if request_id else None
+            logger.info(
+                "%s %s %d in %.3f s", scope["method"], scope["path"], status, elapsed_s, extra=extra
+            )

@@ -1,0 +1,143 @@
+"""Private RabbitMQ and Redis servers for tests that stop and restart them.
+
+Each has its own port, node name and data directory, so a fault test never touches the
+shared servers that a developer or CI runs (and the other tests use).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout_s: float, up: bool = True) -> None:
+    """Wait until 127.0.0.1:port accepts connections (or, with up=False, refuses them)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                if up:
+                    return
+        except OSError:
+            if not up:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"port {port} not {'up' if up else 'down'} after {timeout_s}s")
+
+
+class PrivateRedis:
+    """A redis-server child with append-only persistence in its own folder."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir / f"redis-{secrets.token_hex(3)}"
+        self.dir.mkdir(parents=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = [
+            shutil.which("redis-server") or "redis-server",
+            "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, 10)
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        self.proc.wait(15)
+        self.proc = None
+        wait_port(self.port, 10, up=False)
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of its own (name, ports, mnesia folder), no plugins."""
+
+    def __init__(self) -> None:
+        name = secrets.token_hex(3)
+        # Debian's rabbitmq-server drops to the `rabbitmq` user: its folder must be that user's,
+        # outside test temp folders (which are private to root).
+        self.dir = Path(tempfile.gettempdir()) / f"first-rabbit-{name}"
+        self.dir.mkdir(parents=True)
+        self.node = f"fault{name}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        )
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "rabbitmq", "rabbitmq")
+            for child in self.dir.iterdir():
+                shutil.chown(child, "rabbitmq", "rabbitmq")
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "RABBITMQ_NODENAME": self.node,
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+                "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+                "RABBITMQ_PID_FILE": str(self.dir / "rabbit.pid"),
+                "ERL_EPMD_ADDRESS": "127.0.0.1",
+            }
+        )
+        return env
+
+    def start(self) -> None:
+        env = self._env()
+        subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, timeout=60)
+        pid_file = str(self.dir / "rabbit.pid")
+        subprocess.run(
+            ["rabbitmqctl", "-n", self.node, "wait", pid_file, "--timeout", "120"],
+            env=env, check=True, timeout=150, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_port(self.port, 60)
+
+    def stop(self, *, kill: bool = False) -> None:
+        pid_file = self.dir / "rabbit.pid"
+        if kill and pid_file.exists():
+            os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        else:
+            subprocess.run(
+                ["rabbitmqctl", "-n", self.node, "stop", str(pid_file)],
+                env=self._env(), check=False, timeout=60, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+        wait_port(self.port, 30, up=False)
+        pid_file.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Stop the node if it runs and delete its folder."""
+        if (self.dir / "rabbit.pid").exists():
+            self.stop(kill=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
