@@ -64,6 +64,7 @@ class StreamReader:
         self._commands = commands
         self._block_ms = block_ms
         self._give_up_s = give_up_s
+        self._wakes = 0
         self._wake_key = names.wake_key(new_request_id())
         self._wake_last = f"{int(time.time() * 1000)}-0"
         self._subs: dict[str, Subscription] = {}
@@ -97,10 +98,14 @@ class StreamReader:
         self._subs.pop(sub.key, None)
 
     async def _wake(self) -> None:
-        async with self._commands.pipeline(transaction=False) as pipe:
-            pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=WAKE_MAXLEN, approximate=True)
-            pipe.expire(self._wake_key, WAKE_TTL_S)
-            await pipe.execute()
+        # One command (retried by redis-py on a stale connection); the key's expiry is renewed
+        # every WAKE_MAXLEN wakes only.
+        await self._commands.xadd(
+            self._wake_key, {b"w": b"1"}, maxlen=WAKE_MAXLEN, approximate=True
+        )
+        self._wakes += 1
+        if self._wakes % WAKE_MAXLEN == 1:
+            await self._commands.expire(self._wake_key, WAKE_TTL_S)
 
     def _fail_all(self) -> None:
         """End every followed request with a clear error: their records cannot be read."""
