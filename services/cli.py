@@ -55,13 +55,19 @@ def dev() -> None:
 
 @app.command("sim-vllm")
 def sim_vllm(
-    model: Annotated[str | None, typer.Option(help="Served model name [sim].")] = None,
-    host: Annotated[str | None, typer.Option(help="Interface [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [8100].")] = None,
-    tokens_per_s: Annotated[float | None, typer.Option(help="Tokens/s per request [200].")] = None,
-    ttft_ms: Annotated[float | None, typer.Option(help="Time to first token [20].")] = None,
-    slots: Annotated[int | None, typer.Option(help="Requests generated at once [256].")] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length [2048].")] = None,
+    model: Annotated[str | None, typer.Option(help="Served model name (default sim).")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8100).")] = None,
+    tokens_per_s: Annotated[
+        float | None, typer.Option(help="Tokens/s per request (default 200).")
+    ] = None,
+    ttft_ms: Annotated[float | None, typer.Option(help="Time to first token (default 20).")] = None,
+    slots: Annotated[
+        int | None, typer.Option(help="Requests generated at once (default 256).")
+    ] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="Context length (default 2048).")
+    ] = None,
     fail_nth: Annotated[
         list[int] | None, typer.Option(help="Answer request N with a 500 (repeatable).")
     ] = None,

@@ -18,12 +18,13 @@ Kind = Literal["chat", "completions"]
 T = TypeVar("T")
 
 
-class BadRequest(Exception):
-    """A request vLLM would refuse with 400 (`param` names the offending field)."""
+class InvalidRequest(Exception):
+    """A request vLLM refuses: 400 unless said otherwise; `param` names the offending field."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.param = param
+        self.status = status
 
 
 class StreamOptions(msgspec.Struct):
@@ -94,10 +95,9 @@ def _message_tokens(message: Message) -> int:
     return MESSAGE_OVERHEAD + _words(content)
 
 
-def _prompt_tokens(prompt: str | int | list[int]) -> int:
-    if isinstance(prompt, str):
-        return _words(prompt)
-    return 1 if isinstance(prompt, int) else len(prompt)
+def count_tokens(prompt: str | list[int]) -> int:
+    """Return the tokens of one prompt: its words, or its token ids."""
+    return _words(prompt) if isinstance(prompt, str) else len(prompt)
 
 
 def _prompts(value: Prompt) -> list[str | list[int]]:
@@ -107,7 +107,7 @@ def _prompts(value: Prompt) -> list[str | list[int]]:
     if value and all(isinstance(v, int) for v in value):
         return [[v for v in value if isinstance(v, int)]]
     if any(isinstance(v, int) for v in value):
-        raise BadRequest("prompt mixes token ids with texts", "prompt")
+        raise InvalidRequest("prompt mixes token ids with texts", "prompt")
     return [v for v in value if not isinstance(v, int)]
 
 
@@ -115,9 +115,9 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"Invalid request: {exc}") from exc
+        raise InvalidRequest(f"Invalid request: {exc}") from exc
     except msgspec.DecodeError as exc:
-        raise BadRequest(f"Invalid JSON body: {exc}") from exc
+        raise InvalidRequest(f"Invalid JSON body: {exc}") from exc
 
 
 def _plan(
@@ -129,7 +129,7 @@ def _plan(
     default_max_tokens: int,
 ) -> Plan:
     if max_tokens is not None and max_tokens < 1:
-        raise BadRequest(
+        raise InvalidRequest(
             f"max_tokens must be at least 1, got {max_tokens}. "
             f"(parameter=max_tokens, value={max_tokens})",
             "max_tokens",
@@ -148,21 +148,23 @@ def _plan(
 
 
 def parse_generation(kind: Kind, body: bytes, default_max_tokens: int) -> Plan:
-    """Read a chat or completions body; raise BadRequest where vLLM answers 400."""
+    """Read a chat or completions body; raise InvalidRequest where vLLM answers 400."""
     if kind == "chat":
         chat = _decode(_chat, body)
         tokens = CHAT_OVERHEAD + sum(_message_tokens(m) for m in chat.messages)
-        limit = chat.max_tokens if chat.max_completion_tokens is None else chat.max_completion_tokens
+        limit = (
+            chat.max_tokens if chat.max_completion_tokens is None else chat.max_completion_tokens
+        )
         return _plan(
             chat.model, tokens, limit, chat.stream, chat.stream_options, default_max_tokens
         )
     request = _decode(_completion, body)
     prompts = _prompts(request.prompt)
     if len(prompts) != 1:
-        raise BadRequest("the simulator serves exactly one prompt per request", "prompt")
+        raise InvalidRequest("the simulator serves exactly one prompt per request", "prompt")
     return _plan(
         request.model,
-        _prompt_tokens(prompts[0]),
+        count_tokens(prompts[0]),
         request.max_tokens,
         request.stream,
         request.stream_options,
@@ -175,24 +177,30 @@ def parse_embedding(body: bytes) -> tuple[EmbeddingRequest, list[str | list[int]
     request = _decode(_embedding, body)
     inputs = _prompts(request.input)
     if not inputs:
-        raise BadRequest("input must not be empty", "input")
+        raise InvalidRequest("input must not be empty", "input")
     return request, inputs
 
 
 def check_length(plan: Plan, max_model_len: int) -> None:
-    """Raise BadRequest like vLLM when the prompt, or prompt plus max_tokens, does not fit."""
+    """Raise InvalidRequest like vLLM when the prompt, or prompt plus max_tokens, does not fit."""
     p, k, m = plan.prompt_tokens, plan.max_tokens, max_model_len
     if p >= m:
-        raise BadRequest(
+        raise InvalidRequest(
             f"This model's maximum context length is {m} tokens. However, your request has "
             f"{p} input tokens. Please reduce the length of the input messages. "
             f"(parameter=input_tokens, value={p})",
             "input_tokens",
         )
     if p + k > m:
-        raise BadRequest(
+        raise InvalidRequest(
             f"'max_tokens' or 'max_completion_tokens' is too large: {k}. This model's maximum "
             f"context length is {m} tokens and your request has {p} input tokens "
             f"({k} > {m} - {p}). (parameter=max_tokens, value={k})",
             "max_tokens",
         )
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """Raise a 404 like vLLM's when the request names a model this server does not serve."""
+    if requested is not None and requested != served:
+        raise InvalidRequest(f"The model `{requested}` does not exist.", "model", 404)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.sim_vllm.faults import Faults
@@ -17,6 +17,7 @@ class Settings(BaseSettings):
         cli_kebab_case=True,
         cli_prog_name="first sim-vllm",
         cli_implicit_flags=True,
+        use_attribute_docstrings=True,
     )
 
     model: str = "sim"
@@ -34,7 +35,7 @@ class Settings(BaseSettings):
     embedding_dimensions: int = Field(default=384, ge=1)
     version: str = "0.11.0"
     """What GET /version reports."""
-    fail_nth: list[int] = Field(default_factory=list)
+    fail_nth: list[PositiveInt] = Field(default_factory=list)
     fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     close_after_tokens: int | None = Field(default=None, ge=0)
     stall_after_tokens: int | None = Field(default=None, ge=0)

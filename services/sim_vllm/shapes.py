@@ -115,7 +115,7 @@ class StreamWriter:
 
 def chat_body(model: str, prompt_tokens: int, max_tokens: int) -> bytes:
     """Return a non-streamed chat completion."""
-    message = {
+    message: dict[str, Any] = {
         "role": "assistant",
         "content": completion_text(max_tokens),
         "refusal": None,
