@@ -1,4 +1,4 @@
-"""Writing a request's Redis stream: records in order, the stream's expiry renewed on each write.
+"""Writing a request's Redis stream: records in order, the expiry set on first and last write.
 
 The reading side (one multiplexed XREAD loop) is the gateway's; this is the writers' side
 (router for requests it cannot place, dead-letter consumer, site agent).
@@ -16,13 +16,21 @@ from schemas.codec import DecodeError, encode, record_decoder
 from schemas.records import AnyRecord, Chunk, ErrorInfo, Failure, Final, Record, Usage
 
 
-async def append(redis: Redis, request_id: str, *records: Record, ttl_s: float) -> None:
-    """XADD `records` in order (one entry each) and (re)set the stream's expiry, in one trip."""
+async def append(redis: Redis, request_id: str, *records: Record, ttl_s: float | None) -> None:
+    """XADD `records` in order (one entry each) and, unless `ttl_s` is None, set the expiry.
+
+    One round trip either way. Writers set the expiry on a stream's first and last records
+    only: a chunk in between is a single XADD (the hot path of streaming).
+    """
     key = names.stream_key(request_id)
-    async with redis.pipeline(transaction=True) as pipe:
+    if ttl_s is None and len(records) == 1:
+        await redis.xadd(key, {names.RECORD_FIELD: encode(records[0])})
+        return
+    async with redis.pipeline(transaction=False) as pipe:
         for record in records:
             pipe.xadd(key, {names.RECORD_FIELD: encode(record)})
-        pipe.expire(key, max(1, int(ttl_s)))
+        if ttl_s is not None:
+            pipe.expire(key, max(1, int(ttl_s)))
         await pipe.execute()
 
 

@@ -71,6 +71,7 @@ class Progress:
 
     content_chunks: int = 0
     usage: Usage | None = None
+    records_written: int = 0
 
     def usage_so_far(self) -> Usage:
         """Return vLLM's usage if it came, else the chunk count as completion tokens."""
@@ -147,15 +148,16 @@ class Forwarder:
             connect=connect, read=settings.backend_response_timeout_s, write=30.0, pool=connect
         )
 
-    async def _write(self, request: RunInference, *records: Record) -> None:
-        await streams.append(
-            self._redis, request.request_id, *records, ttl_s=self._settings.stream_ttl_s
-        )
+    async def _write(self, request: RunInference, progress: Progress, *records: Record) -> None:
+        # The expiry goes on with the first record (the Final renews it); chunks are plain XADDs.
+        ttl_s = self._settings.stream_ttl_s if progress.records_written == 0 else None
+        await streams.append(self._redis, request.request_id, *records, ttl_s=ttl_s)
+        progress.records_written += len(records)
         metrics.written(records)
 
     async def _fail(self, request: RunInference, progress: Progress, error: ErrorInfo) -> Result:
         logger.info("request failed: %s %s", error.status, error.code)
-        await self._write(request, Failure(error=error))
+        await self._write(request, progress, Failure(error=error))
         return Result("failed", progress.usage_so_far())
 
     async def forward(self, request: RunInference, pool: Pool, progress: Progress) -> Result:
@@ -199,7 +201,9 @@ class Forwarder:
         if usage is not None:
             completion = 0 if request.endpoint == "embeddings" else usage.completion_tokens
             progress.usage = Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=completion)
-        await self._write(request, Response(status=response.status_code, body=response.content))
+        await self._write(
+            request, progress, Response(status=response.status_code, body=response.content)
+        )
         return Result("completed", progress.usage_so_far())
 
     async def _stream(
@@ -236,7 +240,7 @@ class Forwarder:
         if content_of(payload):
             progress.content_chunks += 1
         if payload.usage is None:
-            await self._write(request, Chunk(data=data))
+            await self._write(request, progress, Chunk(data=data))
             return None
         progress.usage = Usage(
             prompt_tokens=payload.usage.prompt_tokens,
@@ -244,9 +248,9 @@ class Forwarder:
         )
         if not payload.choices:  # vLLM's final usage-only chunk
             if request.include_usage:
-                await self._write(request, Chunk(data=data, usage=progress.usage))
+                await self._write(request, progress, Chunk(data=data, usage=progress.usage))
             return None
-        await self._write(request, Chunk(data=without_usage(data), usage=progress.usage))
+        await self._write(request, progress, Chunk(data=without_usage(data), usage=progress.usage))
         return None
 
 
