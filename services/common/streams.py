@@ -6,6 +6,7 @@ The reading side (one multiplexed XREAD loop) is the gateway's; this is the writ
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import cast
 
@@ -85,3 +86,48 @@ async def fail(
     )
     await append(redis, request_id, Failure(error=error), final, ttl_s=ttl_s)
     return final
+
+
+class StreamWriter:
+    """Write-combining `append`: records that concurrent requests write share one pipeline.
+
+    redis-py spends ~100 µs of CPU per command and a round trip per call; under load many
+    streams each have a chunk to write at the same moment. Each caller still waits until its
+    own records are written (so per-stream order holds), but one pipeline carries every record
+    that arrived while the previous pipeline was in flight. At light load a batch is one
+    record: the latency is that of a plain XADD.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._pending: list[tuple[str, tuple[Record, ...], float | None, asyncio.Future[None]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def append(self, request_id: str, *records: Record, ttl_s: float | None) -> None:
+        """Like `append`: XADD `records` in order and set the expiry unless `ttl_s` is None."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((request_id, records, ttl_s, done))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="stream-writer")
+        await done
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for request_id, records, ttl_s, _ in batch:
+                        key = names.stream_key(request_id)
+                        for record in records:
+                            pipe.xadd(key, {names.RECORD_FIELD: encode(record)})
+                        if ttl_s is not None:
+                            pipe.expire(key, max(1, int(ttl_s)))
+                    await pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting writer, not swallowed
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_result(None)

@@ -29,10 +29,6 @@ class CancelWatcher:
         self._poll_s = poll_s
         self._watched: dict[str, asyncio.Event] = {}
 
-    async def is_cancelled(self, request_id: str) -> bool:
-        """Tell whether the gateway has cancelled `request_id`."""
-        return bool(await self._redis.exists(names.cancel_key(request_id)))
-
     @contextlib.contextmanager
     def watch(self, request_id: str) -> Iterator[asyncio.Event]:
         """Return an event set when `request_id` is cancelled, for the block's duration."""

@@ -18,12 +18,13 @@ import contextlib
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas import names
-from schemas.codec import DecodeError
+from schemas.codec import DecodeError, record_decoder
 from schemas.messages import RunInference, UsageRecorded
 from schemas.records import AnyRecord, ErrorInfo, Final, Usage
 from services.common import streams
@@ -52,6 +53,16 @@ def usage_event(request: RunInference, final: Final) -> UsageRecorded:
         created_at=request.created_at,
         finished_at=final.finished_at,
     )
+
+
+@dataclass(frozen=True)
+class Look:
+    """What a delivery finds before it runs anything."""
+
+    last: AnyRecord | None
+    started: bool
+    holder: str
+    cancelled: bool
 
 
 class Executor:
@@ -85,21 +96,20 @@ class Executor:
         deadline = time.monotonic() + 2 * settings.claim_ttl_s + settings.backend_response_timeout_s
         claimant = self._claimant()
         while True:
-            last, started = await self._last_record(request)
-            if isinstance(last, Final):
-                logger.info("already finished (%s); re-publishing its usage", last.outcome)
-                return usage_event(request, last)
-            holder = await self._claim(request.request_id, claimant)
-            if holder == claimant:
+            look = await self._look(request.request_id, claimant)
+            if isinstance(look.last, Final):
+                logger.info("already finished (%s); re-publishing its usage", look.last.outcome)
+                return usage_event(request, look.last)
+            if look.holder == claimant:
                 break
-            if holder.split("/", 1)[0] != self._settings.site_id:
-                logger.info("claimed by site %s; skipping", holder)
+            if look.holder.split("/", 1)[0] != self._settings.site_id:
+                logger.info("claimed by site %s; skipping", look.holder)
                 return None
             if time.monotonic() > deadline:
-                logger.warning("claim still held by %s; leaving the request to it", holder)
+                logger.warning("claim still held by %s; leaving the request to it", look.holder)
                 return None
             await asyncio.sleep(self._settings.claim_poll_s)
-        if started:
+        if look.started:
             usage = await streams.delivered_usage(self._redis, request.request_id)
             return await self._end_failed(request, errors.generation_interrupted(), usage)
         pool = self._backends.get(request.model)
@@ -107,33 +117,34 @@ class Executor:
             error = errors.model_not_served(request.model, self._settings.site_id)
             return await self._end_failed(request, error)
         with self._cancels.watch(request.request_id) as cancelled:
-            if request.expires_at <= time.time() or await self._cancels.is_cancelled(
-                request.request_id
-            ):
+            # A cancel after the look is caught by the watcher (pub/sub, and its key polling).
+            if request.expires_at <= time.time() or look.cancelled:
                 logger.info("cancelled or expired before start; not generating")
                 return await self._finish(request, Result("cancelled"))
             result = await self._run(request, pool, cancelled)
         return await self._finish(request, result)
 
-    async def _last_record(self, request: RunInference) -> tuple[AnyRecord | None, bool]:
-        """Return the stream's newest record and whether the stream has any record."""
-        try:
-            last = await streams.last_record(self._redis, request.request_id)
-        except DecodeError:  # garbage at the end of the stream: records without a Final
-            logger.warning("undecodable record at the end of the stream")
-            return None, True
-        return last, last is not None
-
-    async def _claim(self, request_id: str, claimant: str) -> str:
-        """Take the request's claim if free; return who holds it."""
-        key = names.claim_key(request_id)
-        ttl = max(1, int(self._settings.claim_ttl_s))
-        if await self._redis.set(key, claimant, nx=True, ex=ttl):
-            return claimant
-        holder = await self._redis.get(key)
+    async def _look(self, request_id: str, claimant: str) -> Look:
+        """In one round trip: the stream's newest record, the claim (taken if free), the cancel."""
+        claim = names.claim_key(request_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(names.stream_key(request_id), "+", "-", count=1)
+            pipe.set(claim, claimant, nx=True, ex=max(1, int(self._settings.claim_ttl_s)))
+            pipe.get(claim)
+            pipe.exists(names.cancel_key(request_id))
+            entries, _taken, holder, cancelled = await pipe.execute()
+        last: AnyRecord | None = None
+        started = bool(entries)
+        if entries:
+            try:
+                last = record_decoder.decode(entries[0][1][names.RECORD_FIELD])
+            except (KeyError, DecodeError):  # garbage at the end: records without a Final
+                logger.warning("undecodable record at the end of the stream")
         if holder is None:  # expired between SET and GET: look again next round
-            return f"{self._settings.site_id}/?"
-        return holder.decode() if isinstance(holder, bytes) else str(holder)
+            holder_id = f"{self._settings.site_id}/?"
+        else:
+            holder_id = holder.decode() if isinstance(holder, bytes) else str(holder)
+        return Look(last=last, started=started, holder=holder_id, cancelled=bool(cancelled))
 
     async def _run(self, request: RunInference, pool: Pool, cancelled: asyncio.Event) -> Result:
         """Forward, stopping within moments of a cancel; renew the claim while it runs."""

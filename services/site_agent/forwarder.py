@@ -139,6 +139,7 @@ class Forwarder:
     def __init__(self, client: httpx.AsyncClient, redis: Redis, settings: Settings) -> None:
         self._client = client
         self._redis = redis
+        self._writer = streams.StreamWriter(redis)
         self._settings = settings
         connect = settings.backend_connect_timeout_s
         self._stream_timeout = httpx.Timeout(
@@ -151,7 +152,7 @@ class Forwarder:
     async def _write(self, request: RunInference, progress: Progress, *records: Record) -> None:
         # The expiry goes on with the first record (the Final renews it); chunks are plain XADDs.
         ttl_s = self._settings.stream_ttl_s if progress.records_written == 0 else None
-        await streams.append(self._redis, request.request_id, *records, ttl_s=ttl_s)
+        await self._writer.append(request.request_id, *records, ttl_s=ttl_s)
         progress.records_written += len(records)
         metrics.written(records)
 
