@@ -16,7 +16,8 @@ from services.gateway.registry import serving_sites
 router = APIRouter()
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
+    # async: a plain `def` dependency would run in the threadpool on every request
     gateway: Gateway = request.app.state.gateway
     return gateway
 

@@ -48,6 +48,8 @@ class Subscription:
 
     async def next(self, timeout: float) -> AnyRecord:
         """Return the next record; raise TimeoutError after `timeout` seconds without one."""
+        if not self.queue.empty():  # the common case under load: no timer to arm
+            return self.queue.get_nowait()
         return await asyncio.wait_for(self.queue.get(), timeout)
 
 

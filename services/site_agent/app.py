@@ -64,10 +64,11 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the agent of `settings.site_id`; it connects only when the app starts."""
     broker = make_broker(settings.rabbit_url, prefetch=settings.prefetch)
     redis = make_redis(settings.redis_url)
-    client = _backend_client(settings)
+    client = _backend_client(settings)  # probes and heartbeats
+    forward_clients = [_backend_client(settings) for _ in range(settings.backend_clients)]
     backends = Backends(settings.backends)
     cancels = CancelWatcher(redis, settings.cancel_poll_s)
-    forwarder = Forwarder(client, redis, settings)
+    forwarder = Forwarder(forward_clients, redis, settings)
     executor = Executor(settings, redis, backends, forwarder, cancels)
     heartbeat = Heartbeat(settings, broker, backends, client)
     _subscribe(broker, Deps(settings=settings, broker=broker, executor=executor))
@@ -94,6 +95,8 @@ def create_app(settings: Settings) -> FastAPI:
             tasks[0].cancel()
             await asyncio.wait(tasks)
             await client.aclose()
+            for forward_client in forward_clients:
+                await forward_client.aclose()
             await redis.aclose()
 
     app = FastAPI(title=f"FIRST site agent ({settings.site_id})", lifespan=lifespan)
