@@ -14,6 +14,7 @@ import secrets
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -136,3 +137,25 @@ async def redis_client(redis_url: str) -> AsyncIterator[object]:
     client = make_redis(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def broker(rabbit_url: str) -> AsyncIterator[Any]:
+    """A connected broker on this session's vhost, with the topology declared."""
+    from services.common import topology
+    from services.common.broker import make_broker
+
+    broker = make_broker(rabbit_url)
+    await broker.connect()
+    await topology.declare_topology(broker)
+    yield broker
+    await broker.stop()
+
+
+@pytest.fixture
+async def channel(rabbit_url: str) -> AsyncIterator[Any]:
+    """A plain aio-pika channel on this session's vhost."""
+    from tests.site_agent.helpers import amqp
+
+    async with amqp(rabbit_url) as channel:
+        yield channel

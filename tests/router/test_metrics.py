@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import pytest
 from faststream.rabbit import RabbitBroker
 from prometheus_client import REGISTRY, generate_latest
 from redis.asyncio import Redis
@@ -16,10 +14,10 @@ from schemas import names
 from schemas.codec import encode
 from schemas.records import Failure, Final, Usage
 from services.common import topology
-from services.common.broker import make_broker, publish
+from services.common.broker import publish
 from tests.common.helpers import capture_json
 from tests.router.test_router import beat, heartbeat, running_router, submit, take
-from tests.site_agent.helpers import amqp, make_request, read_stream, unique, wait_for
+from tests.site_agent.helpers import make_request, read_stream, unique, wait_for
 
 
 def sample(name: str, **labels: str) -> float | None:
@@ -28,21 +26,6 @@ def sample(name: str, **labels: str) -> float | None:
 
 def count(name: str, **labels: str) -> float:
     return sample(name, **labels) or 0.0
-
-
-@pytest.fixture
-async def broker(rabbit_url: str) -> AsyncIterator[RabbitBroker]:
-    broker = make_broker(rabbit_url)
-    await broker.connect()
-    await topology.declare_topology(broker)
-    yield broker
-    await broker.stop()
-
-
-@pytest.fixture
-async def channel(rabbit_url: str) -> AsyncIterator[Any]:
-    async with amqp(rabbit_url) as channel:
-        yield channel
 
 
 async def test_a_routed_request_is_counted_by_site_and_priority_with_its_queue_wait(

@@ -20,14 +20,13 @@ from schemas.codec import encode, heartbeat_decoder, run_inference_decoder
 from schemas.messages import ModelStatus, RunInference, SiteHeartbeat
 from schemas.records import Failure, Final, Response, Usage
 from services.common import topology
-from services.common.broker import make_broker, publish
+from services.common.broker import publish
 from services.router.app import create_app
 from services.router.registry import Registry
 from services.router.settings import Settings
 from tests.site_agent.fake_backend import FakeBackend
 from tests.site_agent.helpers import (
     agent_settings,
-    amqp,
     make_request,
     queue_depth,
     read_stream,
@@ -54,21 +53,6 @@ async def running_router(
 async def router(rabbit_url: str, redis_url: str) -> AsyncIterator[Registry]:
     async with running_router(rabbit_url, redis_url) as registry:
         yield registry
-
-
-@pytest.fixture
-async def broker(rabbit_url: str) -> AsyncIterator[RabbitBroker]:
-    broker = make_broker(rabbit_url)
-    await broker.connect()
-    await topology.declare_topology(broker)
-    yield broker
-    await broker.stop()
-
-
-@pytest.fixture
-async def channel(rabbit_url: str) -> AsyncIterator[Any]:
-    async with amqp(rabbit_url) as channel:
-        yield channel
 
 
 def heartbeat(

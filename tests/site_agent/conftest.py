@@ -6,14 +6,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from faststream.rabbit import RabbitBroker
 
 from schemas import names
-from services.common import topology
-from services.common.broker import make_broker
 from services.site_agent.settings import Settings
 from tests.site_agent.fake_backend import FakeBackend
-from tests.site_agent.helpers import Tap, agent_settings, amqp, running_agent, tap, unique
+from tests.site_agent.helpers import Tap, agent_settings, running_agent, tap, unique
 
 MODEL = unique("fake-model")
 
@@ -37,21 +34,6 @@ async def agent(rabbit_url: str, redis_url: str, backend: FakeBackend) -> AsyncI
     settings = agent_settings(rabbit_url, redis_url, {MODEL: [backend.url]})
     async with running_agent(settings):
         yield settings
-
-
-@pytest.fixture
-async def broker(rabbit_url: str) -> AsyncIterator[RabbitBroker]:
-    broker = make_broker(rabbit_url)
-    await broker.connect()
-    await topology.declare_topology(broker)
-    yield broker
-    await broker.stop()
-
-
-@pytest.fixture
-async def channel(rabbit_url: str) -> AsyncIterator[Any]:
-    async with amqp(rabbit_url) as channel:
-        yield channel
 
 
 @pytest.fixture
