@@ -19,7 +19,6 @@ import time
 
 from faststream import AckPolicy
 from faststream.rabbit import RabbitBroker
-from faststream.rabbit.annotations import RabbitMessage
 from faststream.rabbit.subscriber import RabbitSubscriber
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -29,7 +28,7 @@ from services.accounting.errors import LedgerUnavailable
 from services.accounting.ledger import RetryPolicy, record_with_retry
 from services.accounting.metrics import EVENTS, LEDGER_WRITE
 from services.common import topology
-from services.common.broker import decode_or_reject
+from services.common.broker import current_message, decode_or_reject, raw_body
 from services.common.logging import request_id_var, site_id_var, user_id_var
 
 logger = logging.getLogger(__name__)
@@ -40,11 +39,14 @@ def register_usage_subscriber(
 ) -> RabbitSubscriber:
     """Consume `first.accounting.usage` into the ledger; the queue must have been declared."""
     queue = topology.work_queue(names.ACCOUNTING_USAGE_QUEUE, declare=False)
-    subscriber = broker.subscriber(queue, ack_policy=AckPolicy.MANUAL, title="accounting.usage")
+    subscriber = broker.subscriber(
+        queue, ack_policy=AckPolicy.MANUAL, title="accounting.usage", decoder=raw_body
+    )
 
     @subscriber
-    async def on_usage_recorded(msg: RabbitMessage) -> None:
+    async def on_usage_recorded() -> None:
         """Write one UsageRecorded to the ledger, once per request_id."""
+        msg = current_message(broker)
         event = await decode_or_reject(msg, usage_decoder)
         if event is None:
             EVENTS.labels("rejected").inc()

@@ -81,3 +81,25 @@ async def publish(
         message_id=message_id,
         message_type=type(message).__name__,
     )
+
+
+async def raw_body(msg: RabbitMessage) -> bytes:
+    """A subscriber decoder that leaves the body alone: our handlers decode it themselves.
+
+    Without it FastStream decodes by content type before the handler runs, so a message
+    labelled JSON that is not JSON would never reach the handler to be dead-lettered.
+    """
+    body: bytes = msg.body
+    return body
+
+
+def current_message(broker: RabbitBroker) -> RabbitMessage:
+    """Return the delivery being handled, read from FastStream's context directly.
+
+    Handlers take no parameters and call this: a `msg: RabbitMessage` parameter is resolved
+    by FastStream's dependency layer in a worker thread, once per message (seen with py-spy).
+    """
+    msg = broker.context.get_local("message")
+    if not isinstance(msg, RabbitMessage):
+        raise RuntimeError("current_message() called outside a RabbitMQ handler")
+    return msg

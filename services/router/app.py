@@ -11,12 +11,11 @@ import msgspec
 from fastapi import FastAPI
 from faststream import AckPolicy
 from faststream.rabbit import RabbitBroker, RabbitQueue
-from faststream.rabbit.annotations import RabbitMessage
 from redis.exceptions import RedisError
 
 from schemas import names
 from services.common import topology
-from services.common.broker import make_broker
+from services.common.broker import current_message, make_broker, raw_body
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
 from services.router import metrics
@@ -38,21 +37,21 @@ def heartbeat_queue(instance_id: str) -> RabbitQueue:
 def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
     requests = topology.work_queue(names.ROUTER_REQUESTS_QUEUE, declare=False)
 
-    @broker.subscriber(requests, ack_policy=AckPolicy.MANUAL)
-    async def on_request(msg: RabbitMessage) -> None:
-        await handle_request(msg, deps)
+    @broker.subscriber(requests, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
+    async def on_request() -> None:
+        await handle_request(current_message(broker), deps)
 
     dead = RabbitQueue(names.DEAD_QUEUE, declare=False)
 
-    @broker.subscriber(dead, ack_policy=AckPolicy.MANUAL)
-    async def on_dead(msg: RabbitMessage) -> None:
-        await handle_dead(msg, deps)
+    @broker.subscriber(dead, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
+    async def on_dead() -> None:
+        await handle_dead(current_message(broker), deps)
 
     beats = heartbeat_queue(deps.settings.instance_id)
 
-    @broker.subscriber(beats, topology.HEARTBEATS, ack_policy=AckPolicy.ACK_FIRST)
-    async def on_heartbeat(msg: RabbitMessage) -> None:
-        await handle_heartbeat(msg, deps)
+    @broker.subscriber(beats, topology.HEARTBEATS, ack_policy=AckPolicy.ACK_FIRST, decoder=raw_body)
+    async def on_heartbeat() -> None:
+        await handle_heartbeat(current_message(broker), deps)
 
 
 def create_app(settings: Settings) -> FastAPI:

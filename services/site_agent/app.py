@@ -13,12 +13,11 @@ import msgspec
 from fastapi import FastAPI
 from faststream import AckPolicy
 from faststream.rabbit import RabbitBroker
-from faststream.rabbit.annotations import RabbitMessage
 from faststream.rabbit.schemas import Channel
 
 from schemas import names
 from services.common import topology
-from services.common.broker import make_broker
+from services.common.broker import current_message, make_broker, raw_body
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
 from services.site_agent import metrics
@@ -38,16 +37,16 @@ def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
     interactive = topology.work_queue(names.site_queue(site_id, "interactive"), declare=False)
     batch = topology.work_queue(names.site_queue(site_id, "batch"), declare=False)
 
-    @broker.subscriber(interactive, ack_policy=AckPolicy.MANUAL)
-    async def on_interactive(msg: RabbitMessage) -> None:
-        await handle_request(msg, deps)
+    @broker.subscriber(interactive, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
+    async def on_interactive() -> None:
+        await handle_request(current_message(broker), deps)
 
     # Batch work has its own, smaller window so that it cannot crowd out interactive work.
     batch_channel = Channel(prefetch_count=deps.settings.batch_prefetch)
 
-    @broker.subscriber(batch, channel=batch_channel, ack_policy=AckPolicy.MANUAL)
-    async def on_batch(msg: RabbitMessage) -> None:
-        await handle_request(msg, deps)
+    @broker.subscriber(batch, channel=batch_channel, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
+    async def on_batch() -> None:
+        await handle_request(current_message(broker), deps)
 
 
 def _backend_client(settings: Settings) -> httpx.AsyncClient:

@@ -91,14 +91,23 @@ async def test_poison_on_every_queue_is_dead_lettered_once_and_service_goes_on(
         channel = await connection.channel(publisher_confirms=True)
         dead = await channel.declare_queue(names.DEAD_QUEUE, passive=True)
         before = dead.declaration_result.message_count
+        poisons = [
+            (b"\xc1 not msgpack", None),  # garbage
+            (b"\x81\xa4type\xa5Nope!", None),  # msgpack with an unknown tag
+            (b"{not json", "application/json"),  # labelled JSON, is not: still ours to reject
+        ]
         for queue in queues:
-            for poison in (b"\xc1 not msgpack", b"\x81\xa4type\xa5Nope!"):  # garbage; unknown tag
-                message = aio_pika.Message(poison, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            for poison, content_type in poisons:
+                message = aio_pika.Message(
+                    poison,
+                    content_type=content_type,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )
                 await channel.default_exchange.publish(message, routing_key=queue, timeout=5)
         # The router consumes first.dead: it logs each dead letter once (and ends a dead
         # request's stream), then acks it. Count its log lines.
         log = stack.group.log_dir / "router.log"
-        expected = 2 * len(queues)
+        expected = len(poisons) * len(queues)
         deadline = time.monotonic() + 15
         while (logged := log.read_text().count('"dead letter: ')) < expected:
             assert time.monotonic() < deadline, f"dead letters logged so far: {logged}"
