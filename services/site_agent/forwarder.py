@@ -143,7 +143,6 @@ class Forwarder:
         # Several clients, used in turn: httpx's pool bookkeeping grows with the connections
         # of one client, and cost ~9 ms of CPU per request at 64 in flight on one client.
         self._clients = itertools.cycle(clients)
-        self._redis = redis
         self._writer = streams.StreamWriter(redis)
         self._settings = settings
         connect = settings.backend_connect_timeout_s
