@@ -60,6 +60,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from services.devstack.client import Outcome, stream  # noqa: E402
 from services.devstack.procs import Proc, ProcessGroup, StartupError  # noqa: E402
 from services.devstack.stack import StackConfig, start_service  # noqa: E402
+from services.gateway import apikeys  # noqa: E402
 from tests.faults.privates import PrivateRedis, free_port  # noqa: E402
 
 RABBIT_URL = os.environ.get("FIRST_BENCH_RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -434,7 +435,7 @@ class Stack:
                 "FIRST_SITE_AGENT_PREFETCH": "512",
             },
         )
-        self.api_key = await new_key(database_url)
+        self.api_key = await apikeys.issue_key(database_url, "bench")
         for name in SERVICES:
             self.procs[name] = start_service(self.group, self.config, name, timeout_s=90)
 
@@ -466,19 +467,6 @@ class Stack:
                 httpx.Client(auth=("guest", "guest"), timeout=10, trust_env=False) as api,
             ):
                 api.delete(f"{RABBIT_API}/vhosts/{quoted}")
-
-
-async def new_key(database_url: str) -> str:
-    from services.common.db import make_engine
-    from services.gateway import apikeys
-
-    engine = make_engine(database_url)
-    try:
-        await apikeys.create_schema(engine)
-        key, _ = await apikeys.create_key(engine, "bench")
-        return key
-    finally:
-        await engine.dispose()
 
 
 # ---------------------------------------------------------------- the floors

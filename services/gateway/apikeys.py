@@ -10,6 +10,8 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.common.db import make_engine
+
 KEY_PREFIX = "first-"
 
 metadata = sa.MetaData()
@@ -62,6 +64,17 @@ async def create_key(
             api_keys.insert().values(key_hash=hash_key(key), **msgspec.structs.asdict(record))
         )
     return key, record
+
+
+async def issue_key(database_url: str, username: str, *, admin: bool = False) -> str:
+    """Issue a key into the database at `database_url` (schema created if missing)."""
+    engine = make_engine(database_url)
+    try:
+        await create_schema(engine)
+        key, _ = await create_key(engine, username, admin=admin)
+        return key
+    finally:
+        await engine.dispose()
 
 
 async def find_key(engine: AsyncEngine, key_hash: str) -> KeyRecord | None:

@@ -33,16 +33,7 @@ def create(
 ) -> None:
     """Issue a key; it is printed once and stored only as a hash."""
 
-    async def run() -> str:
-        engine = make_engine(_url(database_url))
-        try:
-            await apikeys.create_schema(engine)
-            key, _ = await apikeys.create_key(engine, user, admin=admin)
-            return key
-        finally:
-            await engine.dispose()
-
-    typer.echo(asyncio.run(run()))
+    typer.echo(asyncio.run(apikeys.issue_key(_url(database_url), user, admin=admin)))
 
 
 @keys_app.command("list")

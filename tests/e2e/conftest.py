@@ -22,7 +22,7 @@ from services.devstack.stack import (
     start_backends,
     start_services,
 )
-from tests.e2e.helpers import new_key
+from services.gateway.apikeys import issue_key
 
 
 def free_port() -> int:
@@ -87,7 +87,7 @@ def stack(
     group = ProcessGroup(run_dir / "logs")
     try:
         start_services(group, config)
-        key = asyncio.run(new_key(database_url, "researcher"))
+        key = asyncio.run(issue_key(database_url, "researcher"))
         yield Stack(config, group, key, database_url, vllm_backends)
     finally:
         group.stop_all()

@@ -8,7 +8,6 @@ from typing import Any
 
 from services.accounting.ledger import get_usage
 from services.common.db import make_engine
-from services.gateway import apikeys
 
 
 async def ledger_row(database_url: str, request_id: str, timeout_s: float = 15.0) -> Any:
@@ -23,16 +22,5 @@ async def ledger_row(database_url: str, request_id: str, timeout_s: float = 15.0
             if time.monotonic() > deadline:
                 raise AssertionError(f"no ledger row for {request_id} after {timeout_s}s")
             await asyncio.sleep(0.1)
-    finally:
-        await engine.dispose()
-
-
-async def new_key(database_url: str, user: str, *, admin: bool = False) -> str:
-    """Issue an API key straight into the stack's database."""
-    engine = make_engine(database_url)
-    try:
-        await apikeys.create_schema(engine)
-        key, _ = await apikeys.create_key(engine, user, admin=admin)
-        return key
     finally:
         await engine.dispose()

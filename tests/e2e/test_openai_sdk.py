@@ -15,8 +15,9 @@ import openai
 import pytest
 
 from services.devstack.stack import service_port
+from services.gateway.apikeys import issue_key
 from tests.e2e.conftest import Stack
-from tests.e2e.helpers import ledger_row, new_key
+from tests.e2e.helpers import ledger_row
 
 pytestmark = pytest.mark.vllm
 
@@ -180,8 +181,8 @@ def test_upstream_400_on_a_stream_is_a_400_before_any_event(client: openai.OpenA
 
 async def test_admin_usage_report_over_http_sums_what_was_billed(stack: Stack) -> None:
     user = f"report-{stack.config.site_id}"
-    key = await new_key(stack.database_url, user)
-    admin = await new_key(stack.database_url, "operator", admin=True)
+    key = await issue_key(stack.database_url, user)
+    admin = await issue_key(stack.database_url, "operator", admin=True)
     client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=key, max_retries=0, timeout=120)
     usages = []
     for prompt in ("One", "Two"):

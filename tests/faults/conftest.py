@@ -26,7 +26,7 @@ from services.common.db import make_engine
 from services.devstack.client import Outcome, stream
 from services.devstack.procs import Proc, ProcessGroup
 from services.devstack.stack import StackConfig, start_service
-from tests.e2e.helpers import new_key
+from services.gateway.apikeys import issue_key
 from tests.faults.privates import PrivateRabbit, PrivateRedis, free_port
 
 MODEL = "sim"
@@ -180,7 +180,7 @@ def make_fault_stack(
             name: start_service(group, config, name, timeout_s=90)
             for name in ("accounting", "router", "site_agent", "gateway")
         }
-        key = await new_key(database_url, "fault-user")
+        key = await issue_key(database_url, "fault-user")
         return FaultStack(config, group, procs, sim_proc, sim_url, key, database_url, redis, rabbit)
 
     yield make
