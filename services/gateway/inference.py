@@ -131,7 +131,7 @@ async def handle(
 
 async def _run(gw: Gateway, job: RunInference) -> Response:
     started = time.monotonic()
-    sub = await gw.reader.subscribe(job.request_id)
+    sub = gw.reader.subscribe(job.request_id)
     try:
         await _publish(gw, job)
         metrics.IN_FLIGHT.inc()
@@ -217,14 +217,24 @@ async def _relay(
     finished = False
     try:
         while True:
-            if isinstance(record, Chunk):
-                yield _sse(record.data)
-            elif isinstance(record, Failure):
-                yield _sse(_json.encode(error_body(record.error)))
-            elif isinstance(record, Final):
-                finished = True
-                metrics.count_tokens(job.model, record)
-                yield b"data: [DONE]\n\n"
+            # Every record already queued goes out in one write: one ASGI send (and one
+            # socket write) per batch instead of per event, which is the relay's main cost.
+            events: list[bytes] = []
+            while True:
+                if isinstance(record, Chunk):
+                    events.append(_sse(record.data))
+                elif isinstance(record, Failure):
+                    events.append(_sse(_json.encode(error_body(record.error))))
+                elif isinstance(record, Final):
+                    finished = True
+                    metrics.count_tokens(job.model, record)
+                    events.append(b"data: [DONE]\n\n")
+                    break
+                if sub.queue.empty():
+                    break
+                record = sub.queue.get_nowait()
+            yield b"".join(events)
+            if finished:
                 return
             try:
                 record = await sub.next(gw.settings.record_timeout_s)

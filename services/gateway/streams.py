@@ -4,6 +4,12 @@ A single XREAD BLOCK loop reads all subscribed `first:stream:<id>` keys and fans
 to per-request asyncio queues. A request that joins while the loop is blocked wakes it by
 XADDing to this reader's own wake stream, which the loop always reads too (by id, so a wake
 is never missed).
+
+The wake is off the request's path: `subscribe` registers the request and returns at once,
+and one background XADD wakes the loop for every request that joined during the same blocked
+read. A subscription reads its stream from the beginning (`0-0`), so no record can be missed
+whenever the loop picks it up; the wake only decides how soon. The request meanwhile
+publishes its job, and its first record is at least two broker hops (≈ 4 ms) away.
 """
 
 from __future__ import annotations
@@ -67,6 +73,9 @@ class StreamReader:
         self._block_ms = block_ms
         self._give_up_s = give_up_s
         self._wakes = 0
+        self._reads = 0  # XREADs issued; a wake is needed once per read that a join missed
+        self._woken_read = -1  # the read that the last wake interrupts
+        self._waking: set[asyncio.Task[None]] = set()
         self._wake_key = names.wake_key(new_request_id())
         self._wake_last = f"{int(time.time() * 1000)}-0"
         self._subs: dict[str, Subscription] = {}
@@ -84,15 +93,15 @@ class StreamReader:
                 await self._task
         await self._blocking.aclose()
 
-    async def subscribe(self, request_id: str) -> Subscription:
+    def subscribe(self, request_id: str) -> Subscription:
         """Follow one request's stream until `unsubscribe` (or its Final record)."""
         sub = Subscription(request_id)
         self._subs[sub.key] = sub
-        try:
-            await self._wake()
-        except BaseException:
-            self.unsubscribe(sub)
-            raise
+        if self._woken_read != self._reads:  # the blocked read does not list this key yet
+            self._woken_read = self._reads
+            task = asyncio.create_task(self._wake(), name="stream-reader-wake")
+            self._waking.add(task)
+            task.add_done_callback(self._waking.discard)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -101,13 +110,18 @@ class StreamReader:
 
     async def _wake(self) -> None:
         # One command (retried by redis-py on a stale connection); the key's expiry is renewed
-        # every WAKE_MAXLEN wakes only.
-        await self._commands.xadd(
-            self._wake_key, {b"w": b"1"}, maxlen=WAKE_MAXLEN, approximate=True
-        )
-        self._wakes += 1
-        if self._wakes % WAKE_MAXLEN == 1:
-            await self._commands.expire(self._wake_key, WAKE_TTL_S)
+        # every WAKE_MAXLEN wakes only. If Redis fails here the read loop fails too, and
+        # handles it (retries, then ends every request); the loop's own BLOCK timeout bounds
+        # how late a lost wake makes it look at the new stream.
+        try:
+            await self._commands.xadd(
+                self._wake_key, {b"w": b"1"}, maxlen=WAKE_MAXLEN, approximate=True
+            )
+            self._wakes += 1
+            if self._wakes % WAKE_MAXLEN == 1:
+                await self._commands.expire(self._wake_key, WAKE_TTL_S)
+        except RedisError as exc:
+            logger.warning("stream reader: wake failed (%s); the next read picks it up", exc)
 
     def _fail_all(self) -> None:
         """End every followed request with a clear error: their records cannot be read."""
@@ -127,6 +141,7 @@ class StreamReader:
         while True:
             streams = {self._wake_key: self._wake_last}
             streams.update({key: sub.last_id for key, sub in self._subs.items()})
+            self._reads += 1
             try:
                 response: Any = await self._blocking.xread(
                     streams,  # type: ignore[arg-type]

@@ -55,6 +55,17 @@ def usage_event(request: RunInference, final: Final) -> UsageRecorded:
     )
 
 
+# A delivery's look, atomic and in one round trip (EVALSHA): the newest record of the stream,
+# the claim (set if free, then read: inside the script the holder is never missing), and the
+# cancel flag. One command instead of a four-command pipeline: redis-py's per-command cost was
+# ≈ 0.5 ms of the way to the first token.
+LOOK_SCRIPT = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2])
+return {last, redis.call('GET', KEYS[2]), redis.call('EXISTS', KEYS[3])}
+"""
+
+
 @dataclass(frozen=True)
 class Look:
     """What a delivery finds before it runs anything."""
@@ -81,6 +92,7 @@ class Executor:
         self._backends = backends
         self._forwarder = forwarder
         self._cancels = cancels
+        self._look_script = redis.register_script(LOOK_SCRIPT)
 
     def _claimant(self) -> str:
         """Return a claim value unique to one attempt: `<site_id>/<agent_id>/<nonce>`.
@@ -125,25 +137,28 @@ class Executor:
         return await self._finish(request, result)
 
     async def _look(self, request_id: str, claimant: str) -> Look:
-        """In one round trip: the stream's newest record, the claim (taken if free), the cancel."""
-        claim = names.claim_key(request_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xrevrange(names.stream_key(request_id), "+", "-", count=1)
-            pipe.set(claim, claimant, nx=True, ex=max(1, int(self._settings.claim_ttl_s)))
-            pipe.get(claim)
-            pipe.exists(names.cancel_key(request_id))
-            entries, _taken, holder, cancelled = await pipe.execute()
+        """In one command: the stream's newest record, the claim (taken if free), the cancel."""
+        reply = await self._look_script(
+            keys=[
+                names.stream_key(request_id),
+                names.claim_key(request_id),
+                names.cancel_key(request_id),
+            ],
+            args=[claimant, max(1, int(self._settings.claim_ttl_s))],
+        )
+        entries, holder, cancelled = reply
         last: AnyRecord | None = None
         started = bool(entries)
         if entries:
+            fields = entries[0][1]  # [field, value, field, value, ...]
+            raw = dict(zip(fields[::2], fields[1::2], strict=True)).get(names.RECORD_FIELD)
             try:
-                last = record_decoder.decode(entries[0][1][names.RECORD_FIELD])
-            except (KeyError, DecodeError):  # garbage at the end: records without a Final
+                last = None if raw is None else record_decoder.decode(raw)
+            except DecodeError:
+                last = None
+            if last is None:  # garbage at the end: records without a Final
                 logger.warning("undecodable record at the end of the stream")
-        if holder is None:  # expired between SET and GET: look again next round
-            holder_id = f"{self._settings.site_id}/?"
-        else:
-            holder_id = holder.decode() if isinstance(holder, bytes) else str(holder)
+        holder_id = holder.decode() if isinstance(holder, bytes) else str(holder)
         return Look(last=last, started=started, holder=holder_id, cancelled=bool(cancelled))
 
     async def _run(self, request: RunInference, pool: Pool, cancelled: asyncio.Event) -> Result:

@@ -39,7 +39,7 @@ async def test_a_request_joining_while_the_reader_blocks_is_woken(
 ) -> None:
     stream_reader, redis = reader
     request_id = new_request_id()
-    sub = await stream_reader.subscribe(request_id)
+    sub = stream_reader.subscribe(request_id)
     await streams.append(redis, request_id, Chunk(data=b"1"), ttl_s=60)
     assert await sub.next(timeout=5) == Chunk(data=b"1")
 
@@ -51,7 +51,7 @@ async def test_records_arrive_in_order_and_the_final_ends_the_subscription(
     request_id = new_request_id()
     # Records written before the subscription are read too (from the stream's start).
     await streams.append(redis, request_id, Chunk(data=b"0"), ttl_s=60)
-    sub = await stream_reader.subscribe(request_id)
+    sub = stream_reader.subscribe(request_id)
     for i in range(1, 20):
         await streams.append(redis, request_id, Chunk(data=str(i).encode()), ttl_s=60)
     await streams.append(redis, request_id, final(), ttl_s=60)
@@ -66,7 +66,7 @@ async def test_many_concurrent_requests_each_get_only_their_own_records(
 ) -> None:
     stream_reader, redis = reader
     ids = [new_request_id() for _ in range(50)]
-    subs = [await stream_reader.subscribe(r) for r in ids]
+    subs = [stream_reader.subscribe(r) for r in ids]
 
     async def write(request_id: str) -> None:
         for i in range(5):
@@ -83,7 +83,26 @@ async def test_many_concurrent_requests_each_get_only_their_own_records(
 
 async def test_next_times_out_when_nothing_comes(reader: tuple[StreamReader, Redis]) -> None:
     stream_reader, _ = reader
-    sub = await stream_reader.subscribe(new_request_id())
+    sub = stream_reader.subscribe(new_request_id())
     with pytest.raises(TimeoutError):
         await sub.next(timeout=0.3)
     stream_reader.unsubscribe(sub)
+
+
+async def test_requests_joining_during_one_blocked_read_share_one_wake(
+    reader: tuple[StreamReader, Redis],
+) -> None:
+    stream_reader, redis = reader
+    ids = [new_request_id() for _ in range(10)]
+    subs = [stream_reader.subscribe(r) for r in ids]  # all join while the same read blocks
+    for request_id in ids:
+        await streams.append(redis, request_id, Chunk(data=request_id.encode()), ttl_s=60)
+    for request_id, sub in zip(ids, subs, strict=True):
+        assert await sub.next(timeout=5) == Chunk(data=request_id.encode())
+    assert stream_reader._wakes == 1
+    # A request that joins after the loop read again needs (and gets) a wake of its own.
+    late = new_request_id()
+    late_sub = stream_reader.subscribe(late)
+    await streams.append(redis, late, Chunk(data=b"late"), ttl_s=60)
+    assert await late_sub.next(timeout=5) == Chunk(data=b"late")
+    assert stream_reader._wakes == 2
