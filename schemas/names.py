@@ -96,5 +96,10 @@ def apikey_cache_key(key_hash: str) -> str:
     return f"first:apikey:{key_hash}"
 
 
+def globus_cache_key(token_hash: str) -> str:
+    """Return the Redis cache entry of one Globus token's verdict (by its hash, never the token)."""
+    return f"first:globus:{token_hash}"
+
+
 # Stream record fields
 RECORD_FIELD: Final = b"r"

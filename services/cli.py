@@ -97,6 +97,22 @@ def sim_vllm(
     main(Settings(**{name: value for name, value in given.items() if value is not None}))
 
 
+@app.command("fake-globus")
+def fake_globus(
+    client_id: Annotated[str, typer.Option(help="The gateway's confidential client id.")],
+    client_secret: Annotated[str, typer.Option(help="Its secret.")],
+    host: Annotated[str, typer.Option(help="Interface (loopback only by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8040,
+) -> None:
+    """Run a local Globus Auth + Groups stand-in for tests and the demo (never in production)."""
+    import uvicorn
+
+    from services.devstack.fake_globus import create_app
+
+    app_ = create_app(client_id, client_secret)
+    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+
+
 def _register_subapps() -> None:
     from services.accounting.cli import usage_app
     from services.gateway.keys_cli import keys_app

@@ -1,4 +1,4 @@
-"""Who is calling: a bearer credential becomes a Principal (API keys now; Globus Auth later)."""
+"""Who is calling: a bearer credential becomes a Principal (an API key or a Globus Auth token)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from schemas import names
 from services.gateway import apikeys
 from services.gateway.errors import Unauthenticated
-
-
-class Principal(msgspec.Struct, frozen=True, kw_only=True):
-    """An authenticated caller, whatever the credential was."""
-
-    user_id: str
-    username: str
-    groups: tuple[str, ...] = ()
-    is_admin: bool = False
-
+from services.gateway.globus_auth import GlobusAuthenticator
+from services.gateway.principal import Principal
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Principal)
@@ -49,9 +41,9 @@ class ApiKeyAuthenticator:
         self._redis = redis
         self._ttl_ms = max(1, int(cache_ttl_s * 1000))
 
-    async def authenticate(self, authorization: str | None) -> Principal:
-        """Return the caller's Principal or raise Unauthenticated (401)."""
-        key_hash = apikeys.hash_key(bearer_token(authorization))
+    async def authenticate(self, key: str) -> Principal:
+        """Return the key's Principal or raise Unauthenticated (401)."""
+        key_hash = apikeys.hash_key(key)
         cache_key = names.apikey_cache_key(key_hash)
         cached = await self._redis.get(cache_key)
         if isinstance(cached, bytes):
@@ -68,3 +60,20 @@ class ApiKeyAuthenticator:
     async def forget(self, key_hash: str) -> None:
         """Drop a key from the cache (after a revoke)."""
         await self._redis.delete(names.apikey_cache_key(key_hash))
+
+
+class Authenticator:
+    """One entry for every credential: our API keys by their prefix, else a Globus token."""
+
+    def __init__(self, api_keys: ApiKeyAuthenticator, globus: GlobusAuthenticator | None) -> None:
+        self.api_keys = api_keys
+        self._globus = globus
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """Return the caller's Principal; raise Unauthenticated (401) or Unavailable (503)."""
+        token = bearer_token(authorization)
+        if token.startswith(apikeys.KEY_PREFIX):
+            return await self.api_keys.authenticate(token)
+        if self._globus is None:
+            raise Unauthenticated("Incorrect API key provided.", code="invalid_api_key")
+        return await self._globus.authenticate(token)

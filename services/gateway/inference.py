@@ -24,7 +24,6 @@ from services.common.broker import publish
 from services.common.ids import new_request_id
 from services.common.logging import request_id_var
 from services.gateway import metrics
-from services.gateway.auth import Principal
 from services.gateway.errors import (
     ApiError,
     NotFound,
@@ -34,6 +33,8 @@ from services.gateway.errors import (
     error_body,
     error_response,
 )
+from services.gateway.policy import may_use
+from services.gateway.principal import Principal
 from services.gateway.registry import RegistryView, serving_sites
 from services.gateway.settings import CatalogueModel, Settings
 from services.gateway.streams import StreamReader, Subscription
@@ -107,7 +108,7 @@ async def handle(
     body = await read_body(request, gw.settings.max_body_bytes)
     parsed = parse_body(endpoint, body)
     entry = gw.catalogue().get(parsed.model)
-    if entry is None:
+    if entry is None or not may_use(principal, entry):
         raise model_not_found(parsed.model)
     await wait_for_site(gw, entry)
     now = time.time()

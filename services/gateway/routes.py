@@ -9,8 +9,10 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
 from services.common.logging import user_id_var
-from services.gateway.auth import ApiKeyAuthenticator, Principal
+from services.gateway.auth import Authenticator
 from services.gateway.inference import Gateway, handle, model_not_found
+from services.gateway.policy import may_use
+from services.gateway.principal import Principal
 from services.gateway.registry import serving_sites
 
 router = APIRouter()
@@ -25,7 +27,7 @@ async def get_gateway(request: Request) -> Gateway:
 async def get_principal(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    authenticator: ApiKeyAuthenticator = request.app.state.authenticator
+    authenticator: Authenticator = request.app.state.authenticator
     principal = await authenticator.authenticate(authorization)
     user_id_var.set(principal.user_id)  # every log line of this request names its caller
     return principal
@@ -50,11 +52,13 @@ async def embeddings(request: Request, gw: GatewayDep, principal: PrincipalDep) 
     return await handle(gw, request, "embeddings", principal)
 
 
-async def _served_models(gw: Gateway) -> list[dict[str, Any]]:
+async def _served_models(gw: Gateway, principal: Principal) -> list[dict[str, Any]]:
     sites = await gw.registry.sites()
     now = time.time()
     out = []
     for entry in gw.settings.models:
+        if not may_use(principal, entry):
+            continue  # as if it did not exist
         serving = serving_sites(sites, entry.name, now, gw.settings.site_ttl_s, entry.sites)
         if serving:
             out.append(
@@ -72,12 +76,12 @@ async def _served_models(gw: Gateway) -> list[dict[str, Any]]:
 
 @router.get("/v1/models")
 async def list_models(gw: GatewayDep, principal: PrincipalDep) -> dict[str, Any]:
-    return {"object": "list", "data": await _served_models(gw)}
+    return {"object": "list", "data": await _served_models(gw, principal)}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, gw: GatewayDep, principal: PrincipalDep) -> dict[str, Any]:
-    for entry in await _served_models(gw):
+    for entry in await _served_models(gw, principal):
         if entry["id"] == model:
             return entry
     raise model_not_found(model)

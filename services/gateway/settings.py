@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.db import DEFAULT_DATABASE_URL
@@ -21,6 +21,10 @@ class CatalogueModel(BaseModel):
     context_length: int = 2048
     kind: ModelKind = "chat"
     sites: list[str] = []
+    groups: list[str] = []
+    """Globus group ids whose members may use the model (with `domains`: either suffices)."""
+    domains: list[str] = []
+    """Identity-provider domains whose users may use the model. Both empty: every caller."""
 
 
 DEFAULT_CATALOGUE = [
@@ -60,4 +64,20 @@ class Settings(CommonSettings):
     redis_give_up_s: float = 3.0
     """After Redis has been unreachable this long, in-flight requests end with a 503 error."""
     apikey_cache_ttl_s: float = 60.0
+    globus_client_id: str = ""
+    """The gateway's confidential client (a Globus Auth resource server); empty: API keys only."""
+    globus_client_secret: SecretStr = SecretStr("")
+    globus_auth_url: str | None = None
+    """globus-sdk's `base_url` for Globus Auth; None is globus.org (tests and `first dev` use
+    the local fake, `first fake-globus`)."""
+    globus_groups_url: str | None = None
+    globus_audience: str = ""
+    """The audience a token must carry; empty means the client id."""
+    globus_required_scope: str = ""
+    """A scope string the token must include; empty: not checked."""
+    globus_domains: list[str] = Field(default_factory=list)
+    """Identity-provider domains allowed to use the service at all (e.g. anl.gov); empty: any."""
+    globus_cache_ttl_s: float = 60.0
+    """How long an introspection verdict is reused: a revoked token stops within this."""
+    globus_timeout_s: float = 5.0
     registry_cache_s: float = 0.5
