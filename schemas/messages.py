@@ -58,6 +58,8 @@ class UsageRecorded(Message, tag=True, frozen=True, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     outcome: Outcome
+    groups: tuple[str, ...] = ()
+    """The caller's groups, whose shared token budgets the usage is charged to as well."""
     created_at: float
     finished_at: float
 

@@ -13,6 +13,7 @@ The topology (see DESIGN.md):
 
 from __future__ import annotations
 
+import time
 from typing import Final, Literal
 
 Priority = Literal["interactive", "batch"]
@@ -99,6 +100,31 @@ def apikey_cache_key(key_hash: str) -> str:
 def globus_cache_key(token_hash: str) -> str:
     """Return the Redis cache entry of one Globus token's verdict (by its hash, never the token)."""
     return f"first:globus:{token_hash}"
+
+
+QuotaCounter = Literal["requests", "tokens"]
+QuotaScope = Literal["user", "group"]
+QuotaPeriod = Literal["minute", "day", "month"]
+QUOTA_TTL_S: Final[dict[QuotaPeriod, int]] = {"minute": 120, "day": 2 * 86400, "month": 32 * 86400}
+"""How long a quota counter outlives its window (then Redis drops it)."""
+
+
+def quota_window(period: QuotaPeriod, at: float) -> str:
+    """Return the id of the fixed window (UTC) that `at` falls in."""
+    if period == "minute":
+        return f"m{int(at // 60)}"
+    return time.strftime("d%Y%m%d" if period == "day" else "M%Y%m", time.gmtime(at))
+
+
+def quota_key(
+    counter: QuotaCounter, scope: QuotaScope, subject: str, period: QuotaPeriod, at: float
+) -> str:
+    """Return the Redis counter of `counter` for one user or group in the window of `at`.
+
+    The gateway reads (and, for requests, increments) these to enforce limits; the accounting
+    service adds each request's billed tokens once, when its ledger row is written.
+    """
+    return f"first:quota:{counter}:{scope}:{subject}:{quota_window(period, at)}"
 
 
 # Stream record fields

@@ -26,6 +26,7 @@ from services.gateway.errors import ApiError, error_response
 from services.gateway.globus_auth import GlobusAuthenticator, GlobusClient
 from services.gateway.inference import Gateway
 from services.gateway.middleware import ObserveRequests
+from services.gateway.quotas import Quotas
 from services.gateway.registry import RegistryView
 from services.gateway.routes import router
 from services.gateway.settings import Settings
@@ -58,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
             engine=engine,
             reader=reader,
             registry=RegistryView(redis, settings.registry_cache_s),
+            quotas=Quotas(redis, settings),
         )
         app.state.authenticator = Authenticator(
             ApiKeyAuthenticator(engine, redis, settings.apikey_cache_ttl_s),

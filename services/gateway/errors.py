@@ -100,3 +100,17 @@ def error_body(info: ErrorInfo) -> dict[str, Any]:
 def error_response(info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
     """Return `info` as an HTTP response with its status."""
     return JSONResponse(error_body(info), status_code=info.status, headers=headers)
+
+
+class RateLimited(ApiError):
+    """429: a per-minute rate limit (OpenAI: code `rate_limit_exceeded`)."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+
+
+class QuotaExceeded(ApiError):
+    """429: a token budget for the day or month is spent (OpenAI: `insufficient_quota`)."""
+
+    status = 429
+    type = "insufficient_quota"

@@ -35,6 +35,7 @@ from services.gateway.errors import (
 )
 from services.gateway.policy import may_use
 from services.gateway.principal import Principal
+from services.gateway.quotas import Quotas
 from services.gateway.registry import RegistryView, serving_sites
 from services.gateway.settings import CatalogueModel, Settings
 from services.gateway.streams import StreamReader, Subscription
@@ -57,6 +58,7 @@ class Gateway:
     engine: AsyncEngine
     reader: StreamReader
     registry: RegistryView
+    quotas: Quotas
 
     def catalogue(self) -> dict[str, CatalogueModel]:
         return {m.name: m for m in self.settings.models}
@@ -111,6 +113,7 @@ async def handle(
     if entry is None or not may_use(principal, entry):
         raise model_not_found(parsed.model)
     await wait_for_site(gw, entry)
+    await gw.quotas.admit(principal)  # last: a refused request counts against nothing
     now = time.time()
     job = RunInference(
         request_id=new_request_id(),

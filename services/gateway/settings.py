@@ -27,6 +27,15 @@ class CatalogueModel(BaseModel):
     """Identity-provider domains whose users may use the model. Both empty: every caller."""
 
 
+class Limits(BaseModel):
+    """Limits of one user or one group (a shared allocation); None: no limit of that kind."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+
+
 DEFAULT_CATALOGUE = [
     CatalogueModel(name="smollm2-135m", owned_by="HuggingFaceTB", context_length=2048),
     CatalogueModel(
@@ -80,4 +89,9 @@ class Settings(CommonSettings):
     globus_cache_ttl_s: float = 60.0
     """How long an introspection verdict is reused: a revoked token stops within this."""
     globus_timeout_s: float = 5.0
+    user_limits: Limits = Field(default_factory=Limits)
+    """Every user's limits, unless `user_limit_overrides` names the user (by user id)."""
+    user_limit_overrides: dict[str, Limits] = Field(default_factory=dict)
+    group_limits: dict[str, Limits] = Field(default_factory=dict)
+    """Shared allocations by Globus group id: every member's usage counts against them."""
     registry_cache_s: float = 0.5

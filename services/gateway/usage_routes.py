@@ -1,4 +1,5 @@
-"""`GET /v1/usage/report`: the ledger's report over HTTP, for admin keys (JSON or CSV).
+"""`GET /v1/usage`: a caller's own usage and limits; `GET /v1/usage/report`: the ledger's report
+over HTTP, for admins (JSON or CSV).
 
 The gateway serves it because it is the authenticated edge; the query itself is the
 accounting package's (the ledger shares the gateway's database by default).
@@ -7,13 +8,23 @@ accounting package's (the ledger shares the gateway's database by default).
 from __future__ import annotations
 
 import datetime as dt
+import time
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 
 from services.accounting.errors import LedgerUnavailable
-from services.accounting.reports import REPORT_BYS, ReportBy, ReportFormat, render, usage_report
+from services.accounting.reports import (
+    REPORT_BYS,
+    ReportBy,
+    ReportFormat,
+    ReportRow,
+    render,
+    usage_report,
+)
 from services.gateway.errors import InvalidRequest, PermissionDenied, Unavailable
+from services.gateway.principal import Principal
 from services.gateway.routes import GatewayDep, PrincipalDep
 
 router = APIRouter()
@@ -55,3 +66,42 @@ async def report(
         ) from exc
     fmt: ReportFormat = "csv" if format == "csv" else "json"
     return Response(render(rows, fmt, group), media_type=_MEDIA[format])
+
+
+@router.get("/v1/usage")
+async def own_usage(gw: GatewayDep, principal: PrincipalDep, user: str | None = None) -> Any:
+    """The caller's usage today and this month (UTC, from the ledger) and every limit with
+    what is left of it. Admins may name any `user` (its group allocations are then not shown:
+    a user's groups are known only from their own credential)."""
+    subject = principal
+    if user is not None and user != principal.user_id:
+        if not principal.is_admin:
+            raise PermissionDenied("Only admins may read another user's usage.", code="admin_only")
+        subject = Principal(user_id=user, username=user)
+    today = dt.datetime.now(dt.UTC).date()
+    month_start = today.replace(day=1)
+    try:
+        day_rows = await usage_report(gw.engine, "user", today, user_id=subject.user_id)
+        month_rows = await usage_report(gw.engine, "user", month_start, user_id=subject.user_id)
+    except LedgerUnavailable as exc:
+        raise Unavailable(
+            "The ledger is unavailable; retry later.", code="ledger_unavailable"
+        ) from exc
+    return {
+        "object": "usage",
+        "user_id": subject.user_id,
+        "day": today.isoformat(),
+        "month": month_start.strftime("%Y-%m"),
+        "usage": {"day": _totals(day_rows), "month": _totals(month_rows)},
+        "limits": await gw.quotas.status(subject),
+        "at": time.time(),
+    }
+
+
+def _totals(rows: list[ReportRow]) -> dict[str, int]:
+    return {
+        "requests": sum(r.requests for r in rows),
+        "prompt_tokens": sum(r.prompt_tokens for r in rows),
+        "completion_tokens": sum(r.completion_tokens for r in rows),
+        "total_tokens": sum(r.total_tokens for r in rows),
+    }

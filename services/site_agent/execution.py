@@ -51,6 +51,7 @@ def usage_event(request: RunInference, final: Final) -> UsageRecorded:
         completion_tokens=final.usage.completion_tokens,
         outcome=final.outcome,
         created_at=request.created_at,
+        groups=request.groups,
         finished_at=final.finished_at,
     )
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
+from schemas import names
+from schemas.codec import encode
+from schemas.messages import ModelStatus, SiteHeartbeat
 from services.common.db import make_engine
 from services.gateway import apikeys
 from services.gateway.app import create_app
@@ -55,3 +61,80 @@ async def gateway(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             yield GatewayUnderTest(app, client, key, admin_key, settings)
+
+
+@dataclass
+class Replica:
+    """One in-process gateway built by `make_gateway`, and a Redis client on its database."""
+
+    client: httpx.AsyncClient
+    redis: Redis
+    settings: Settings
+
+
+MakeGateway = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture
+async def make_gateway(
+    new_rabbit_url: Callable[[], str], new_redis_url: Callable[[], str], sqlite_url: str
+) -> AsyncIterator[MakeGateway]:
+    """Build gateways with chosen settings; `share=` another Replica to run a second replica
+    on the same vhost, Redis database and SQL database (as two processes of one deployment)."""
+    running: list[tuple[Any, httpx.AsyncClient, Redis]] = []
+
+    async def make(share: Replica | None = None, **overrides: Any) -> Replica:
+        values: dict[str, Any] = {
+            "rabbit_url": share.settings.rabbit_url if share else new_rabbit_url(),
+            "redis_url": share.settings.redis_url if share else new_redis_url(),
+            "database_url": sqlite_url,
+            "no_site_wait_s": 0.3,
+        }
+        values.update(overrides)
+        settings = Settings(**values)
+        app = create_app(settings)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        redis = Redis.from_url(settings.redis_url)
+        running.append((lifespan, client, redis))
+        return Replica(client, redis, settings)
+
+    yield make
+    for lifespan, client, redis in reversed(running):
+        await client.aclose()
+        await redis.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+async def live_site(redis: Redis, models: list[str]) -> None:
+    """Mirror a heartbeat into the registry, as the router would: `models` are served."""
+    beat = SiteHeartbeat(
+        site_id="s1",
+        agent_id="a1",
+        sent_at=time.time() + 3600,  # stays live for the whole test
+        interval_s=5.0,
+        models=tuple(
+            ModelStatus(model=m, state="hot", instances=1, running=0, waiting=0, capacity=8)
+            for m in models
+        ),
+    )
+    await redis.hset(names.REGISTRY_KEY, "s1", encode(beat))
+
+
+ApiKeyFor = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+def api_key_for() -> ApiKeyFor:
+    """Issue an API key in a replica's database."""
+
+    async def issue(replica: Replica, username: str, *, admin: bool = False) -> str:
+        engine = make_engine(replica.settings.database_url)
+        try:
+            key, _ = await apikeys.create_key(engine, username, admin=admin)
+        finally:
+            await engine.dispose()
+        return key
+
+    return issue

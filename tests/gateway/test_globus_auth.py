@@ -10,24 +10,21 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
 
-from schemas import names
-from schemas.codec import encode
-from schemas.messages import ModelStatus, SiteHeartbeat
 from services.common.db import make_engine
 from services.devstack.procs import ProcessGroup
 from services.gateway import apikeys
-from services.gateway.app import create_app
 from services.gateway.globus_auth import Refusal, check_introspection
 from services.gateway.principal import Principal
-from services.gateway.settings import CatalogueModel, Settings
+from services.gateway.settings import CatalogueModel
 from tests.faults.privates import free_port
+from tests.gateway.conftest import MakeGateway, live_site
 
 CLIENT_ID = "0b8a1f3e-6a4e-4c1e-9d55-1d2c3e4f5a6b"
 SECRET = "s3cret-for-tests"
@@ -76,14 +73,8 @@ MODELS = [
 ]
 
 
-def settings_for(
-    globus_url: str, rabbit_url: str, redis_url: str, database_url: str, **extra: Any
-) -> Settings:
+def globus_settings(globus_url: str, **extra: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
-        "rabbit_url": rabbit_url,
-        "redis_url": redis_url,
-        "database_url": database_url,
-        "no_site_wait_s": 0.3,
         "models": MODELS,
         "globus_client_id": CLIENT_ID,
         "globus_client_secret": SECRET,
@@ -94,48 +85,19 @@ def settings_for(
         "globus_timeout_s": 3.0,
     }
     values.update(extra)
-    return Settings(**values)
+    return values
 
 
 @pytest.fixture
-async def client_for(
-    new_rabbit_url: Callable[[], str], new_redis_url: Callable[[], str], sqlite_url: str
-) -> AsyncIterator[Callable[..., Any]]:
-    """Build a gateway (in-process) for given Globus URL and settings; yields an httpx client."""
-    stack = []
+def client_for(make_gateway: MakeGateway) -> Callable[..., Any]:
+    """Build a gateway (in-process) with Globus at `globus_url`; every model is served."""
 
     async def make(globus_url: str, **extra: Any) -> tuple[httpx.AsyncClient, Redis]:
-        redis_url = new_redis_url()
-        settings = settings_for(globus_url, new_rabbit_url(), redis_url, sqlite_url, **extra)
-        app = create_app(settings)
-        lifespan = app.router.lifespan_context(app)
-        await lifespan.__aenter__()
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
-        redis = Redis.from_url(redis_url)
-        stack.append((lifespan, client, redis))
-        await live_site(redis)
-        return client, redis
+        replica = await make_gateway(**globus_settings(globus_url, **extra))
+        await live_site(replica.redis, [m.name for m in MODELS])
+        return replica.client, replica.redis
 
-    yield make
-    for lifespan, client, redis in reversed(stack):
-        await client.aclose()
-        await redis.aclose()
-        await lifespan.__aexit__(None, None, None)
-
-
-async def live_site(redis: Redis) -> None:
-    """Mirror a heartbeat into the registry (as the router would): every model is served."""
-    beat = SiteHeartbeat(
-        site_id="s1",
-        agent_id="a1",
-        sent_at=time.time() + 3600,  # stays live for the whole test
-        interval_s=5.0,
-        models=tuple(
-            ModelStatus(model=m.name, state="hot", instances=1, running=0, waiting=0, capacity=8)
-            for m in MODELS
-        ),
-    )
-    await redis.hset(names.REGISTRY_KEY, "s1", encode(beat))
+    return make
 
 
 def bearer(token: str) -> dict[str, str]:
