@@ -77,16 +77,20 @@ MakeGateway = Callable[..., Awaitable[Replica]]
 
 @pytest.fixture
 async def make_gateway(
-    new_rabbit_url: Callable[[], str], new_redis_url: Callable[[], str], sqlite_url: str
+    gateway_space: tuple[str, str], sqlite_url: str
 ) -> AsyncIterator[MakeGateway]:
-    """Build gateways with chosen settings; `share=` another Replica to run a second replica
-    on the same vhost, Redis database and SQL database (as two processes of one deployment)."""
+    """Build gateways with chosen settings, all on this module's vhost and Redis database
+    (emptied first) and this test's SQL database: several of them are replicas of one
+    deployment."""
+    rabbit_url, redis_url = gateway_space
+    async with Redis.from_url(redis_url) as redis:
+        await redis.flushdb()
     running: list[tuple[Any, httpx.AsyncClient, Redis]] = []
 
-    async def make(share: Replica | None = None, **overrides: Any) -> Replica:
+    async def make(**overrides: Any) -> Replica:
         values: dict[str, Any] = {
-            "rabbit_url": share.settings.rabbit_url if share else new_rabbit_url(),
-            "redis_url": share.settings.redis_url if share else new_redis_url(),
+            "rabbit_url": rabbit_url,
+            "redis_url": redis_url,
             "database_url": sqlite_url,
             "no_site_wait_s": 0.3,
         }

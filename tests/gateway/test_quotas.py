@@ -96,7 +96,7 @@ def test_charges_add_tokens_to_the_user_and_each_group_in_every_period() -> None
 async def two_replicas(make_gateway: MakeGateway, **overrides: Any) -> tuple[Replica, Replica]:
     # first_record_timeout_s: admitted requests are published, and nobody serves them here.
     first = await make_gateway(first_record_timeout_s=0.5, **overrides)
-    second = await make_gateway(share=first, first_record_timeout_s=0.5, **overrides)
+    second = await make_gateway(first_record_timeout_s=0.5, **overrides)
     await live_site(first.redis, [MODEL])
     return first, second
 
