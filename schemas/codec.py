@@ -6,7 +6,13 @@ from typing import Final
 
 import msgspec
 
-from schemas.messages import AnyMessage, RunInference, SiteHeartbeat, UsageRecorded
+from schemas.messages import (
+    AnyMessage,
+    IngressRequest,
+    RunInference,
+    SiteHeartbeat,
+    UsageRecorded,
+)
 from schemas.records import AnyRecord
 
 DecodeError = msgspec.DecodeError
@@ -16,6 +22,7 @@ _encoder: Final = msgspec.msgpack.Encoder()
 
 message_decoder: Final = msgspec.msgpack.Decoder(AnyMessage)
 run_inference_decoder: Final = msgspec.msgpack.Decoder(RunInference)
+ingress_decoder: Final = msgspec.msgpack.Decoder(IngressRequest)
 usage_decoder: Final = msgspec.msgpack.Decoder(UsageRecorded)
 heartbeat_decoder: Final = msgspec.msgpack.Decoder(SiteHeartbeat)
 record_decoder: Final = msgspec.msgpack.Decoder(AnyRecord)

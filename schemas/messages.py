@@ -45,6 +45,23 @@ class RunInference(Message, tag=True, frozen=True, kw_only=True):
     """The catalogue's sites for this model; empty means any site that serves it."""
 
 
+class IngressRequest(Message, tag=True, frozen=True, kw_only=True):
+    """A request a pipeline publishes straight to `first.ingress`.
+
+    Its credential travels in the `names.CREDENTIAL_HEADER` header, never in the body; the
+    router authenticates it exactly as the gateway would, applies the caller's limits, and
+    only then turns it into a RunInference (without the credential). Results are read from
+    `stream_key(request_id)`: the id must be unguessable (the producer API makes UUIDv7s).
+    """
+
+    request_id: str
+    endpoint: Endpoint
+    body: bytes
+    """The OpenAI request body, JSON, as an HTTP client would POST it."""
+    priority: Priority = "interactive"
+    created_at: float = 0.0
+
+
 class UsageRecorded(Message, tag=True, frozen=True, kw_only=True):
     """Tokens delivered for one request; the ledger keeps one row per request_id."""
 
@@ -87,4 +104,4 @@ class SiteHeartbeat(Message, tag=True, frozen=True, kw_only=True):
     models: tuple[ModelStatus, ...] = ()
 
 
-AnyMessage = RunInference | UsageRecorded | SiteHeartbeat
+AnyMessage = RunInference | IngressRequest | UsageRecorded | SiteHeartbeat

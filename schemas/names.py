@@ -36,7 +36,15 @@ DEAD_QUEUE: Final = "first.dead"
 
 # Routing keys
 REQUEST_ROUTING_KEY: Final = "request.new"
+INGRESS_ROUTING_KEY: Final = "ingress.request"
+"""What a direct producer publishes an `IngressRequest` to `first.ingress` with."""
 USAGE_ROUTING_KEY: Final = "usage.recorded"
+
+# AMQP headers
+CREDENTIAL_HEADER: Final = "x-first-credential"
+"""An ingress message's credential (an API key or a Globus access token); stripped on admission."""
+REASON_HEADER: Final = "x-first-reason"
+"""Why the router refused a message (an OpenAI error code), on the copy it dead-letters."""
 
 
 def site_queue(site_id: str, priority: Priority) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from typing import TypeVar
 
 import msgspec
@@ -48,13 +49,23 @@ async def decode_or_reject(msg: RabbitMessage, decoder: msgspec.msgpack.Decoder[
         return None
 
 
+_USER_ATTR = "_first_amqp_user"
+
+
+def amqp_user(url: str) -> str:
+    """Return the RabbitMQ user an AMQP URL connects as (AMQP's default is guest)."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).username or "guest")
+
+
 def make_broker(url: str, *, prefetch: int = 64) -> RabbitBroker:
     """Return an unconnected broker whose consumers take at most `prefetch` unacked messages."""
-    return RabbitBroker(
+    broker = RabbitBroker(
         url,
         default_channel=Channel(prefetch_count=prefetch, on_return_raises=True),
         logger=None,
     )
+    setattr(broker, _USER_ATTR, amqp_user(url))  # stamped on every publish (see `publish`)
+    return broker
 
 
 async def publish(
@@ -68,6 +79,8 @@ async def publish(
 ) -> None:
     """Publish persistently and wait (bounded) for the broker's confirm.
 
+    The message carries the publisher's RabbitMQ user in its `user_id` property, which
+    RabbitMQ checks against the connection's user: a consumer can trust who published it.
     Raises if no queue is bound (mandatory), the broker nacks, or the confirm times out.
     """
     await broker.publish(
@@ -80,6 +93,7 @@ async def publish(
         content_type=CONTENT_TYPE,
         message_id=message_id,
         message_type=type(message).__name__,
+        user_id=getattr(broker, _USER_ATTR, None),
     )
 
 

@@ -49,12 +49,14 @@ def work_queue(name: str, *, declare: bool = True) -> RabbitQueue:
 
 DEAD_QUEUE = RabbitQueue(names.DEAD_QUEUE, queue_type=QueueType.QUORUM, durable=True)
 ROUTER_REQUESTS = work_queue(names.ROUTER_REQUESTS_QUEUE)
+ROUTER_INGRESS = work_queue(names.ROUTER_INGRESS_QUEUE)
 ACCOUNTING_USAGE = work_queue(names.ACCOUNTING_USAGE_QUEUE)
 
 # (exchange, queue, routing key) triples every service may rely on existing.
 _CORE_BINDINGS: Final = (
     (DEAD, DEAD_QUEUE, ""),
     (REQUESTS, ROUTER_REQUESTS, "request.#"),
+    (INGRESS, ROUTER_INGRESS, "ingress.#"),
     (USAGE, ACCOUNTING_USAGE, "usage.#"),
 )
 

@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
@@ -23,7 +22,7 @@ from services.common.topology import declare_topology
 from services.gateway import apikeys
 from services.gateway.auth import ApiKeyAuthenticator, Authenticator
 from services.gateway.errors import ApiError, error_response
-from services.gateway.globus_auth import GlobusAuthenticator, GlobusClient
+from services.gateway.globus_auth import globus_from_settings
 from services.gateway.inference import Gateway
 from services.gateway.middleware import ObserveRequests
 from services.gateway.quotas import Quotas
@@ -63,7 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.authenticator = Authenticator(
             ApiKeyAuthenticator(engine, redis, settings.apikey_cache_ttl_s),
-            _globus(settings, redis),
+            globus_from_settings(settings, redis),
         )
         try:
             yield
@@ -89,30 +88,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     add_ops_routes(app, {"rabbitmq": check_broker, "redis": redis.ping, "database": check_db})
     return app
-
-
-def _globus(settings: Settings, redis: Redis) -> GlobusAuthenticator | None:
-    """Return the Globus token path if a confidential client is configured."""
-    if not settings.globus_client_id:
-        return None
-    client = GlobusClient(
-        settings.globus_client_id,
-        settings.globus_client_secret.get_secret_value(),
-        auth_url=settings.globus_auth_url,
-        groups_url=settings.globus_groups_url,
-        timeout_s=settings.globus_timeout_s,
-    )
-    return GlobusAuthenticator(
-        client,
-        redis,
-        audience=settings.globus_audience or settings.globus_client_id,
-        required_scope=settings.globus_required_scope,
-        domains=frozenset(d.lower() for d in settings.globus_domains),
-        cache_ttl_s=settings.globus_cache_ttl_s,
-        timeout_s=settings.globus_timeout_s,
-        # Group lookups cost two more calls to Globus per cache miss: only when a policy needs them.
-        want_groups=any(m.groups for m in settings.models),
-    )
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from schemas import names
 from services.gateway.errors import Unauthenticated, Unavailable
 from services.gateway.principal import Principal
+from services.gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -240,4 +241,28 @@ def _unavailable(why: str) -> Unavailable:
         "Globus Auth could not be reached to check the token; retry later.",
         code="auth_unavailable",
         headers={"retry-after": "5"},
+    )
+
+
+def globus_from_settings(settings: Settings, redis: Redis) -> GlobusAuthenticator | None:
+    """Return the Globus token path if a confidential client is configured."""
+    if not settings.globus_client_id:
+        return None
+    client = GlobusClient(
+        settings.globus_client_id,
+        settings.globus_client_secret.get_secret_value(),
+        auth_url=settings.globus_auth_url,
+        groups_url=settings.globus_groups_url,
+        timeout_s=settings.globus_timeout_s,
+    )
+    return GlobusAuthenticator(
+        client,
+        redis,
+        audience=settings.globus_audience or settings.globus_client_id,
+        required_scope=settings.globus_required_scope,
+        domains=frozenset(d.lower() for d in settings.globus_domains),
+        cache_ttl_s=settings.globus_cache_ttl_s,
+        timeout_s=settings.globus_timeout_s,
+        # Group lookups cost two more calls to Globus per cache miss: only when a policy needs them.
+        want_groups=any(m.groups for m in settings.models),
     )

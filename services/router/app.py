@@ -16,11 +16,18 @@ from redis.exceptions import RedisError
 from schemas import names
 from services.common import topology
 from services.common.broker import current_message, make_broker, raw_body
+from services.common.db import make_engine
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
+from services.gateway import apikeys
+from services.gateway.auth import ApiKeyAuthenticator, Authenticator
+from services.gateway.globus_auth import globus_from_settings
+from services.gateway.quotas import Quotas
+from services.gateway.settings import Settings as GatewaySettings
 from services.router import metrics
 from services.router.deadletter import handle_dead
-from services.router.handlers import Deps, handle_heartbeat, handle_request
+from services.router.handlers import Deps, handle_heartbeat, handle_ingress, handle_request
+from services.router.ingress import Admission
 from services.router.registry import Registry
 from services.router.settings import Settings
 
@@ -41,6 +48,12 @@ def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
     async def on_request() -> None:
         await handle_request(current_message(broker), deps)
 
+    ingress = topology.work_queue(names.ROUTER_INGRESS_QUEUE, declare=False)
+
+    @broker.subscriber(ingress, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
+    async def on_ingress() -> None:
+        await handle_ingress(current_message(broker), deps)
+
     dead = RabbitQueue(names.DEAD_QUEUE, declare=False)
 
     @broker.subscriber(dead, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
@@ -54,16 +67,35 @@ def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
         await handle_heartbeat(current_message(broker), deps)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the router; it connects only when the app starts."""
+def create_app(settings: Settings, access: GatewaySettings | None = None) -> FastAPI:
+    """Build the router; it connects only when the app starts.
+
+    `access` holds what admits a direct producer's request — API keys' database, Globus Auth,
+    the catalogue and its policies, the limits — and is the gateway's own settings (read from
+    the same FIRST_GATEWAY_* environment by default): the router admits exactly as it does.
+    """
+    access = access or GatewaySettings()
     broker = make_broker(settings.rabbit_url, prefetch=settings.prefetch)
     redis = make_redis(settings.redis_url)
     registry = Registry(redis, settings.site_ttl_s)
-    deps = Deps(settings=settings, broker=broker, redis=redis, registry=registry)
+    engine = make_engine(access.database_url)
+    admission = Admission(
+        authenticator=Authenticator(
+            ApiKeyAuthenticator(engine, redis, access.apikey_cache_ttl_s),
+            globus_from_settings(access, redis),
+        ),
+        quotas=Quotas(redis, access),
+        catalogue={m.name: m for m in access.models},
+        first_record_timeout_s=access.first_record_timeout_s,
+    )
+    deps = Deps(
+        settings=settings, broker=broker, redis=redis, registry=registry, admission=admission
+    )
     _subscribe(broker, deps)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await apikeys.create_schema(engine)  # ingress credentials are checked against it
         await broker.connect()
         await declare_topology_bounded(broker, settings.publish_timeout_s)
         try:
@@ -82,6 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await sweeper
             await broker.stop()
             await redis.aclose()
+            await engine.dispose()
 
     app = FastAPI(title="FIRST router", lifespan=lifespan)
     app.state.deps = deps

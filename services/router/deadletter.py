@@ -14,6 +14,7 @@ from typing import Any
 from faststream.rabbit.message import RabbitMessage
 from redis.exceptions import RedisError
 
+from schemas import names
 from schemas.codec import DecodeError, run_inference_decoder
 from schemas.messages import RunInference
 from schemas.records import Final
@@ -48,13 +49,19 @@ def death_of(headers: Mapping[str, Any]) -> tuple[str, str, int]:
 async def handle_dead(msg: RabbitMessage, deps: Deps) -> None:
     """Log a dead letter once at WARNING (never its body), end its request's stream, ack."""
     reason, queue, count = death_of(msg.headers)
+    refused = msg.headers.get(names.REASON_HEADER)
     try:
         request: RunInference | None = run_inference_decoder.decode(msg.body)
     except DecodeError:
         request = None
-    metrics.DEAD_LETTERS.labels(queue, reason).inc()
     stream = "not a request"
-    if request is not None:
+    if refused is not None:
+        # Refused by a router, which already ended the stream if it was new: writing it here
+        # could end a request that another user really made (the forger chose the id).
+        reason, queue, count = _text(refused), "router", 1
+        stream = "left to the router"
+    metrics.DEAD_LETTERS.labels(queue, reason).inc()
+    if request is not None and refused is None:
         request_id_var.set(request.request_id)
         user_id_var.set(request.user_id)
         if request.site_id:

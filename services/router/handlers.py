@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -13,17 +14,21 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas import names
-from schemas.codec import DecodeError, heartbeat_decoder, run_inference_decoder
+from schemas.codec import DecodeError, heartbeat_decoder, ingress_decoder, run_inference_decoder
 from schemas.messages import RunInference
+from schemas.records import ErrorInfo
 from services.common import streams, topology
 from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
 from services.common.logging import request_id_var, site_id_var, user_id_var
-from services.router import errors, metrics
+from services.gateway.errors import ApiError, Unavailable
+from services.router import errors, ingress, metrics
 from services.router.policy import choose_site
 from services.router.registry import Registry
 from services.router.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+REFUSE_ERRORS: tuple[type[BaseException], ...] = (RedisError, *PUBLISH_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class Deps:
     broker: RabbitBroker
     redis: Redis
     registry: Registry
+    admission: ingress.Admission
 
 
 async def wait_for_site(registry: Registry, request: RunInference, deadline: float) -> str | None:
@@ -47,13 +53,71 @@ async def wait_for_site(registry: Registry, request: RunInference, deadline: flo
 
 
 async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
-    """Send one RunInference to a site's queue, or end its stream with a 503."""
+    """Send one RunInference from a gateway to a site's queue, or end its stream with a 503."""
     request = await decode_or_reject(msg, run_inference_decoder)
     if request is None:
         metrics.FAILED.labels("undecodable").inc()
         return
     request_id_var.set(request.request_id)
+    publisher = msg.raw_message.user_id
+    if publisher not in deps.settings.trusted_publishers():
+        await refuse(msg, deps, request.request_id, ingress.publisher_error(publisher))
+        return
     user_id_var.set(request.user_id)
+    await route(msg, deps, request)
+
+
+async def handle_ingress(msg: RabbitMessage, deps: Deps) -> None:
+    """Admit one IngressRequest as the gateway would, then route it; else refuse it."""
+    ingress_request = await decode_or_reject(msg, ingress_decoder)
+    if ingress_request is None:
+        metrics.FAILED.labels("undecodable").inc()
+        return
+    request_id_var.set(ingress_request.request_id)
+    try:
+        request = await deps.admission.admit(ingress_request, ingress.credential_of(msg))
+    except (Unavailable, RedisError) as exc:  # cannot decide now (Globus, Redis): later
+        logger.warning("cannot admit now, requeueing: %r", exc)
+        await asyncio.sleep(deps.settings.retry_delay_s)
+        await msg.nack(requeue=True)
+        return
+    except ApiError as exc:
+        await refuse(msg, deps, ingress_request.request_id, exc.info())
+        return
+    user_id_var.set(request.user_id)
+    await route(msg, deps, request)
+
+
+async def refuse(msg: RabbitMessage, deps: Deps, request_id: str, error: ErrorInfo) -> None:
+    """Never serve `msg`: end its (new) stream with `error`, dead-letter a copy, ack it."""
+    try:
+        ended = await ingress.end_if_new(deps.redis, request_id, error, deps.settings.stream_ttl_s)
+        await deps.broker.publish(
+            msg.body,
+            exchange=topology.DEAD,
+            routing_key="",
+            headers=ingress.dead_letter_headers(msg, error),
+            persist=True,
+            mandatory=True,
+            timeout=deps.settings.publish_timeout_s,
+            content_type=msg.content_type,
+            message_id=msg.message_id,
+            message_type=msg.raw_message.type,
+        )
+    except REFUSE_ERRORS as exc:
+        logger.warning("cannot refuse now, requeueing: %r", exc)
+        await asyncio.sleep(deps.settings.retry_delay_s)
+        await msg.nack(requeue=True)
+        return
+    await msg.ack()
+    metrics.FAILED.labels("refused").inc()
+    logger.warning(
+        "refused: %s (stream %s)", error.code, "ended" if ended else "left alone: it has records"
+    )
+
+
+async def route(msg: RabbitMessage, deps: Deps, request: RunInference) -> None:
+    """Send an admitted request to a site's queue, or end its stream with a 503; settle `msg`."""
     started = time.time()
     deadline = min(request.expires_at, started + deps.settings.no_site_wait_s)
     site_id = await wait_for_site(deps.registry, request, deadline)

@@ -7,6 +7,7 @@ import secrets
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.common.broker import amqp_user
 from services.common.settings import CommonSettings
 
 
@@ -27,3 +28,12 @@ class Settings(CommonSettings):
     """Expiry of a stream the router ends itself (no site, dead-lettered)."""
     sweep_interval_s: float = 5.0
     """How often expired sites leave the registry and its Redis mirror."""
+    request_publishers: list[str] = Field(default_factory=list)
+    """RabbitMQ users (gateways) whose messages on first.requests are served; empty: the
+    router's own user (a deployment where every service shares one RabbitMQ user)."""
+    retry_delay_s: float = 1.0
+    """Pause before requeueing a message that cannot be decided now (Redis, Globus down)."""
+
+    def trusted_publishers(self) -> frozenset[str]:
+        """Return the users whose first.requests messages are served."""
+        return frozenset(self.request_publishers or [amqp_user(self.rabbit_url)])

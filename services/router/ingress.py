@@ -1,0 +1,137 @@
+"""Admission of messages the router did not get from a gateway.
+
+Two doors lead to the router:
+
+- `first.requests`, written by gateways only. RabbitMQ checks each message's `user_id`
+  property against the publishing connection's user, so the router serves only messages
+  whose `user_id` is one of its `request_publishers` (by default its own RabbitMQ user, which
+  single-user deployments share). Anything else — a producer that was given write access there
+  by mistake, or a message claiming to be someone else's — is refused.
+- `first.ingress`, written by pipelines: an `IngressRequest` with its credential in a header.
+  The router authenticates it exactly as the gateway would (the gateway's own code and
+  settings: API keys, Globus tokens, the catalogue and its access policy, the quotas), strips
+  the credential, and only then routes it like any request.
+
+A refused message is never served and never billed: its request stream (only if nobody has
+written it yet — a forger must not be able to end another user's request) gets the error in
+OpenAI's shape, a copy without the credential goes to `first.dead` with the reason in a
+header, and the original is acked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from aiormq.abc import FieldValue
+from faststream.rabbit.message import RabbitMessage
+from redis.asyncio import Redis
+
+from schemas import names
+from schemas.codec import encode
+from schemas.messages import IngressRequest, RunInference
+from schemas.records import ErrorInfo, Failure, Final, Usage
+from services.gateway.auth import Authenticator
+from services.gateway.errors import NotFound
+from services.gateway.policy import may_use
+from services.gateway.quotas import Quotas
+from services.gateway.settings import CatalogueModel
+from services.gateway.validation import include_usage, parse_body
+
+logger = logging.getLogger(__name__)
+
+# End a stream with an error only if it has no record yet: atomic, one round trip.
+END_IF_NEW_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The gateway's checks, run by the router for direct producers."""
+
+    authenticator: Authenticator
+    quotas: Quotas
+    catalogue: dict[str, CatalogueModel]
+    first_record_timeout_s: float
+
+    async def admit(self, ingress: IngressRequest, credential: str | None) -> RunInference:
+        """Return the RunInference to route, or raise the ApiError the gateway would answer."""
+        principal = await self.authenticator.authenticate(
+            None if credential is None else f"Bearer {credential}"
+        )
+        parsed = parse_body(ingress.endpoint, ingress.body)
+        entry = self.catalogue.get(parsed.model)
+        if entry is None or not may_use(principal, entry):
+            raise NotFound(
+                f"The model `{parsed.model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+                param="model",
+            )
+        await self.quotas.admit(principal)
+        now = time.time()
+        return RunInference(
+            request_id=ingress.request_id,
+            user_id=principal.user_id,
+            username=principal.username,
+            groups=principal.groups,
+            model=parsed.model,
+            endpoint=ingress.endpoint,
+            priority=ingress.priority,
+            stream=bool(getattr(parsed, "stream", False)),
+            include_usage=include_usage(parsed),
+            body=ingress.body,
+            created_at=ingress.created_at or now,
+            expires_at=now + self.first_record_timeout_s,
+            allowed_sites=tuple(entry.sites),
+        )
+
+
+def credential_of(msg: RabbitMessage) -> str | None:
+    """Return the credential header of an ingress message, if any."""
+    value = msg.headers.get(names.CREDENTIAL_HEADER)
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value if isinstance(value, str) and value else None
+
+
+def publisher_error(user_id: str | None) -> ErrorInfo:
+    """The refusal of a `first.requests` message from a user that is not a gateway."""
+    return ErrorInfo(
+        status=403,
+        message=f"Messages on {names.REQUESTS_EXCHANGE} are accepted from gateways only "
+        f"(publisher: {user_id or 'unknown'}); pipelines publish to {names.INGRESS_EXCHANGE}.",
+        type="invalid_request_error",
+        code="forged_publisher",
+    )
+
+
+async def end_if_new(redis: Redis, request_id: str, error: ErrorInfo, stream_ttl_s: float) -> bool:
+    """End the request's stream with `error` unless it has a record already; say if it did."""
+    final = Final(outcome="failed", usage=Usage(), site_id="", finished_at=time.time())
+    ended = await redis.eval(
+        END_IF_NEW_SCRIPT,
+        1,
+        names.stream_key(request_id),
+        names.RECORD_FIELD,
+        encode(Failure(error=error)),
+        encode(final),
+        max(1, int(stream_ttl_s)),
+    )
+    return bool(ended)
+
+
+def dead_letter_headers(msg: RabbitMessage, error: ErrorInfo) -> dict[str, FieldValue]:
+    """The headers of the dead-lettered copy: the reason, never the credential."""
+    headers: dict[str, FieldValue] = {
+        str(k): str(v)
+        for k, v in msg.headers.items()
+        if k != names.CREDENTIAL_HEADER and isinstance(v, str | int | float)
+    }
+    headers[names.REASON_HEADER] = error.code or error.type
+    return headers

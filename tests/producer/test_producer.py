@@ -1,0 +1,322 @@
+"""Direct queue producers: a RabbitMQ user that may write only to `first.ingress`, a router
+that admits its messages exactly as the gateway would, and results read from Redis.
+
+Real RabbitMQ (a vhost and a producer user of this module's own), real Redis, SQLite for the
+keys; the site agent forwards to the fake vLLM backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+from aio_pika.exceptions import ChannelClosed
+from redis.asyncio import Redis
+
+from schemas import names
+from schemas.codec import encode
+from schemas.messages import RunInference
+from schemas.records import Failure
+from services.common.db import make_engine
+from services.common.ids import new_request_id
+from services.gateway import apikeys
+from services.gateway.settings import CatalogueModel, Limits
+from services.gateway.settings import Settings as GatewaySettings
+from services.producer.client import Producer
+from services.router.app import create_app as create_router
+from services.router.settings import Settings as RouterSettings
+from tests.conftest import RABBIT_API, _rabbit_auth
+from tests.site_agent.fake_backend import FakeBackend
+from tests.site_agent.helpers import (
+    agent_settings,
+    amqp,
+    queue_depth,
+    running_agent,
+    stream_records,
+    tap,
+    unique,
+)
+
+PASSWORD = secrets.token_urlsafe(12)
+
+
+@dataclass
+class Deployment:
+    rabbit_url: str  # the services' (guest) URL
+    producer_url: str  # the producer user's URL: write to first.ingress only
+    redis_url: str
+    key: str  # an API key of user "pipeline"
+    site_id: str
+    model: str
+
+
+def _vhost_of(url: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path.lstrip("/"))
+
+
+def _with_user(url: str, user: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    netloc = f"{user}:{PASSWORD}@{parts.hostname}:{parts.port or 5672}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+@pytest.fixture(scope="module")
+def producer_user(new_rabbit_url: Callable[[], str]) -> Iterator[tuple[str, str, str]]:
+    """A vhost, and a RabbitMQ user that may write to first.ingress there and nothing else."""
+    url = new_rabbit_url()
+    vhost = urllib.parse.quote(_vhost_of(url), safe="")
+    user = unique("producer")
+    with httpx.Client(base_url=RABBIT_API, auth=_rabbit_auth(), timeout=10) as api:
+        api.put(f"/users/{user}", json={"password": PASSWORD, "tags": ""}).raise_for_status()
+        perms = {"configure": "^$", "write": r"^first\.ingress$", "read": "^$"}
+        api.put(f"/permissions/{vhost}/{user}", json=perms).raise_for_status()
+        try:
+            yield url, _with_user(url, user), user
+        finally:
+            api.delete(f"/users/{user}")
+
+
+@pytest.fixture
+def forger(producer_user: tuple[str, str, str], rabbit_api: httpx.Client) -> Iterator[str]:
+    """A RabbitMQ user wrongly allowed to write to first.requests (a misconfiguration)."""
+    vhost = urllib.parse.quote(_vhost_of(producer_user[0]), safe="")
+    user = unique("forger")
+    rabbit_api.put(f"/users/{user}", json={"password": PASSWORD, "tags": ""}).raise_for_status()
+    perms = {"configure": "^$", "write": r"^first\.requests$", "read": "^$"}
+    rabbit_api.put(f"/permissions/{vhost}/{user}", json=perms).raise_for_status()
+    try:
+        yield user
+    finally:
+        rabbit_api.delete(f"/users/{user}")
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[FakeBackend]:
+    server = FakeBackend(unique("fake-model")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def deployment(
+    producer_user: tuple[str, str, str],
+    new_redis_url: Callable[[], str],
+    sqlite_url: str,
+    backend: FakeBackend,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Deployment]:
+    """Router (admitting with the gateway's settings) and a site agent, both in-process."""
+    rabbit_url, producer_url, _user = producer_user
+    redis_url = new_redis_url()
+    limits = getattr(request, "param", Limits())
+    access = GatewaySettings(
+        database_url=sqlite_url,
+        models=[CatalogueModel(name=backend.model)],
+        user_limits=limits,
+    )
+    engine = make_engine(sqlite_url)
+    await apikeys.create_schema(engine)
+    key, _ = await apikeys.create_key(engine, "pipeline")
+    await engine.dispose()
+    agent = agent_settings(rabbit_url, redis_url, {backend.model: [backend.url]})
+    router = create_router(
+        RouterSettings(rabbit_url=rabbit_url, redis_url=redis_url, no_site_wait_s=5.0), access
+    )
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(router.router.lifespan_context(router))
+        await stack.enter_async_context(running_agent(agent))
+        registry = router.state.deps.registry
+        deadline = time.monotonic() + 10
+        while registry.get(agent.site_id) is None:
+            assert time.monotonic() < deadline, "the site never became live"
+            await asyncio.sleep(0.05)
+        yield Deployment(rabbit_url, producer_url, redis_url, key, agent.site_id, backend.model)
+
+
+def chat(model: str, text: str = "hi") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 5}
+
+
+async def test_a_producer_with_write_only_rights_gets_every_result(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    async with amqp(d.rabbit_url) as channel:
+        usage = await tap(channel, names.USAGE_EXCHANGE)
+        async with Producer(d.producer_url, d.redis_url, d.key, window=8) as producer:
+            ids = [await producer.submit("chat.completions", chat(d.model)) for _ in range(20)]
+            results = await asyncio.gather(*(producer.result(i, timeout_s=20) for i in ids))
+        for result in results:
+            assert (result.status, result.outcome, result.error) == (200, "completed", None)
+            assert result.json()["choices"][0]["message"]["content"]
+        billed = [(await usage.get())[0] for _ in ids]
+    assert {getattr(u, "request_id", None) for u in billed} == set(ids)
+    assert {(getattr(u, "user_id", None), getattr(u, "username", None)) for u in billed} == {
+        ("pipeline", "pipeline")
+    }
+
+
+async def test_an_unauthenticated_message_is_dead_lettered_with_its_reason_and_not_served(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    async with amqp(d.rabbit_url) as channel:
+        dead = await tap(channel, names.DEAD_EXCHANGE)
+        site = await tap(channel, names.SITES_EXCHANGE)
+        usage = await tap(channel, names.USAGE_EXCHANGE)
+        async with Producer(d.producer_url, d.redis_url, "first-not-a-key-at-all") as producer:
+            request_id = await producer.submit("chat.completions", chat(d.model))
+            result = await producer.result(request_id, timeout_s=10)
+        assert result.error is not None
+        assert (result.status, result.error.code) == (401, "invalid_api_key")
+        copy = await dead.get_raw()
+        assert copy.message_id == request_id
+        assert copy.headers[names.REASON_HEADER] == "invalid_api_key"
+        assert names.CREDENTIAL_HEADER not in copy.headers  # never kept anywhere
+        await asyncio.sleep(0.5)
+        assert await site.empty()
+        assert await usage.empty()
+
+
+@pytest.mark.parametrize("deployment", [Limits(requests_per_minute=3)], indirect=True)
+async def test_an_over_quota_producer_is_refused_like_an_http_client(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    if 60 - time.time() % 60 < 5:  # keep the burst inside one minute window
+        await asyncio.sleep(60 - time.time() % 60 + 0.1)
+    async with Producer(d.producer_url, d.redis_url, d.key) as producer:
+        ids = [await producer.submit("chat.completions", chat(d.model)) for _ in range(5)]
+        results = [await producer.result(i, timeout_s=20) for i in ids]
+    codes = sorted((r.error.code if r.error else "ok") or "" for r in results)
+    assert codes == ["ok", "ok", "ok", "rate_limit_exceeded", "rate_limit_exceeded"]
+
+
+async def test_a_bad_model_or_body_is_refused_naming_the_field(deployment: Deployment) -> None:
+    d = deployment
+    async with Producer(d.producer_url, d.redis_url, d.key) as producer:
+        unknown = await producer.submit("chat.completions", chat("no-such-model"))
+        broken = await producer.submit("chat.completions", {"model": d.model})
+        results = [await producer.result(i, timeout_s=10) for i in (unknown, broken)]
+    assert results[0].error is not None
+    assert results[0].error.code == "model_not_found"
+    assert results[1].error is not None
+    assert (results[1].status, results[1].error.param) == (400, "messages")
+
+
+async def test_the_producer_user_cannot_write_to_the_gateways_exchange(
+    deployment: Deployment,
+) -> None:
+    connection = await aio_pika.connect_robust(deployment.producer_url, timeout=10)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(names.REQUESTS_EXCHANGE, ensure=False)
+        with pytest.raises(ChannelClosed, match="ACCESS_REFUSED"):
+            await exchange.publish(
+                aio_pika.Message(b"x"), routing_key=names.REQUEST_ROUTING_KEY, timeout=5
+            )
+    finally:
+        await connection.close()
+
+
+async def test_a_forged_request_on_the_gateways_exchange_is_refused_and_billed_to_nobody(
+    deployment: Deployment, forger: str
+) -> None:
+    """A producer user given write access to first.requests by mistake claims another user."""
+    d = deployment
+    now = time.time()
+    forged = RunInference(
+        request_id=new_request_id(),
+        user_id="victim",
+        username="victim",
+        model=d.model,
+        endpoint="chat.completions",
+        body=json.dumps(chat(d.model)).encode(),
+        created_at=now,
+        expires_at=now + 60,
+    )
+    async with amqp(d.rabbit_url) as channel:
+        usage = await tap(channel, names.USAGE_EXCHANGE)
+        dead = await tap(channel, names.DEAD_EXCHANGE)
+        connection = await aio_pika.connect_robust(_with_user(d.rabbit_url, forger))
+        try:
+            writer = await connection.channel(publisher_confirms=True)
+            exchange = await writer.get_exchange(names.REQUESTS_EXCHANGE, ensure=False)
+            message = aio_pika.Message(encode(forged), user_id=forger, message_id="forged")
+            await exchange.publish(message, routing_key=names.REQUEST_ROUTING_KEY, timeout=5)
+        finally:
+            await connection.close()
+        copy = await dead.get_raw()
+        assert copy.headers[names.REASON_HEADER] == "forged_publisher"
+        async with Redis.from_url(d.redis_url) as redis:
+            records = await stream_records(redis, forged.request_id)
+        assert isinstance(records[0], Failure)
+        assert records[0].error.code == "forged_publisher"
+        await asyncio.sleep(0.5)
+        assert await usage.empty()
+        for priority in names.PRIORITIES:
+            queue = names.site_queue(d.site_id, priority)
+            assert await queue_depth(channel, queue) == 0
+
+
+def test_the_cli_refuses_a_bad_file_naming_the_line_and_publishes_nothing(
+    tmp_path: Path,
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    good = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "custom_id": "a"}) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-c", "from services.cli import app; app()", "queue", "publish", str(bad)],
+        env={"FIRST_API_KEY": "first-x", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "line 2: duplicate custom_id 'a'" in done.stderr
+    assert "nothing was published" in done.stderr
+
+
+async def test_the_cli_publishes_a_file_and_writes_openai_batch_output_lines(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    d = deployment
+    lines = [
+        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions"}
+        | {"body": chat(d.model)}
+        for i in range(6)
+    ]
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = [sys.executable, "-c", "from services.cli import app; app()", "queue", "publish"]
+    argv += [str(source), "--out", str(out), "--rabbit-url", d.producer_url]
+    argv += ["--redis-url", d.redis_url, "--timeout-s", "20"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env={"FIRST_API_KEY": d.key, "PATH": "/usr/bin:/bin"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    results = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == [f"q{i}" for i in range(6)]
+    for result in results:
+        assert result["error"] is None
+        assert result["response"]["status_code"] == 200
+        assert result["response"]["request_id"] == result["id"]
+        assert result["response"]["body"]["object"] == "chat.completion"
+    assert "6 completed, 0 failed" in stderr.decode()
