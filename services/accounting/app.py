@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-import sqlalchemy as sa
 from fastapi import FastAPI
 
 from schemas import names
+from schemas.messages import UsageRecorded
+from services.accounting.batcher import LedgerBatcher, RetryPolicy
+from services.accounting.charges import charge
 from services.accounting.handlers import register_usage_subscriber
-from services.accounting.ledger import RetryPolicy, create_schema
+from services.accounting.ledger import create_schema, ping
 from services.accounting.settings import Settings
 from services.common.broker import make_broker
 from services.common.db import make_engine
 from services.common.http import add_ops_routes
+from services.common.redis import make_redis
 from services.common.topology import declare_topology
 
 logger = logging.getLogger(__name__)
@@ -37,7 +41,13 @@ def create_app(settings: Settings) -> FastAPI:
         backoff_max_s=settings.db_retry_backoff_max_s,
         timeout_s=settings.db_timeout_s,
     )
-    register_usage_subscriber(broker, engine, retry)
+    redis = make_redis(settings.redis_url)
+
+    async def charge_quotas(events: Sequence[UsageRecorded]) -> None:
+        await charge(redis, events, time.time())
+
+    batcher = LedgerBatcher(engine, retry, max_batch=settings.max_batch, on_new=charge_quotas)
+    register_usage_subscriber(broker, batcher)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -54,15 +64,16 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await broker.stop()
+            await batcher.aclose()
             await engine.dispose()
+            await redis.aclose()
 
     async def broker_ready() -> None:
         if not await broker.ping(timeout=BROKER_PING_TIMEOUT_S):
             raise BrokerDown("not connected to RabbitMQ")
 
     async def database_ready() -> None:
-        async with engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+        await ping(engine)
 
     app = FastAPI(title="FIRST accounting", lifespan=lifespan)
     add_ops_routes(app, {"broker": broker_ready, "database": database_ready})

@@ -7,10 +7,8 @@ took the row. Reports group a day by the UTC date of `finished_at`.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
@@ -21,8 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.messages import UsageRecorded
 from services.accounting.errors import LedgerUnavailable, UnsupportedDatabase
-
-logger = logging.getLogger(__name__)
 
 metadata: Final = sa.MetaData()
 
@@ -94,26 +90,67 @@ async def create_schema(engine: AsyncEngine) -> None:
         raise LedgerUnavailable(f"cannot create the ledger schema: {describe(exc)}") from exc
 
 
-def _insert_once(engine: AsyncEngine, values: dict[str, object]) -> sa.Insert:
+def _insert_new(dialect: str) -> sa.Insert:
     """Return INSERT … ON CONFLICT (request_id) DO NOTHING RETURNING request_id."""
     key = [usage_ledger.c.request_id]
-    if _check_dialect(engine) == "postgresql":
-        pg = postgresql.insert(usage_ledger).values(values)
-        return pg.on_conflict_do_nothing(index_elements=key).returning(*key)
-    lite = sqlite.insert(usage_ledger).values(values)
-    return lite.on_conflict_do_nothing(index_elements=key).returning(*key)
+    if dialect == "postgresql":
+        return (
+            postgresql.insert(usage_ledger)
+            .on_conflict_do_nothing(index_elements=key)
+            .returning(*key)
+        )
+    return sqlite.insert(usage_ledger).on_conflict_do_nothing(index_elements=key).returning(*key)
+
+
+# Built once: the statement is the same for every batch, and SQLAlchemy caches its
+# compiled form (executemany spreads the rows over multi-row VALUES, "insertmanyvalues").
+_INSERT_NEW: Final = {dialect: _insert_new(dialect) for dialect in ("postgresql", "sqlite")}
+
+# What a write can raise besides DB_ERRORS: sqlite3 refuses an int beyond 64 bits with a
+# plain OverflowError, before SQLAlchemy could wrap it.
+_WRITE_ERRORS: Final = (*DB_ERRORS, OverflowError)
+
+
+async def record_batch(engine: AsyncEngine, events: Sequence[UsageRecorded]) -> set[str]:
+    """Insert the events' rows in one transaction; return the request_ids that were new.
+
+    Of several events with one request_id only the first is written. Raises
+    LedgerUnavailable if the transaction did not commit (then nothing was written).
+    """
+    statement = _INSERT_NEW[_check_dialect(engine)]
+    if not events:
+        return set()  # SQLAlchemy would run an empty executemany as one INSERT without values
+    recorded_at = time.time()
+    rows: dict[str, dict[str, object]] = {}
+    for event in events:
+        if event.request_id not in rows:
+            row: dict[str, object] = {name: getattr(event, name) for name in _EVENT_COLUMNS}
+            row["recorded_at"] = recorded_at
+            rows[event.request_id] = row
+    # Rows in key order: two writers (replicas, or a redelivery racing its original) that
+    # insert overlapping request_ids then take PostgreSQL's index locks in the same order
+    # and cannot deadlock.
+    ordered = [rows[key] for key in sorted(rows)]
+    try:
+        async with engine.begin() as conn:
+            result = await conn.execute(statement, ordered)
+            return set(result.scalars().all())
+    except _WRITE_ERRORS as exc:
+        raise LedgerUnavailable(f"cannot record usage: {describe(exc)}") from exc
 
 
 async def record_usage(engine: AsyncEngine, event: UsageRecorded) -> bool:
-    """Insert the event's row; return False if its request_id was already recorded."""
-    values: dict[str, object] = {name: getattr(event, name) for name in _EVENT_COLUMNS}
-    values["recorded_at"] = time.time()
+    """Insert one event's row; return False if its request_id was already recorded."""
+    return event.request_id in await record_batch(engine, [event])
+
+
+async def ping(engine: AsyncEngine) -> None:
+    """Run `SELECT 1`; raise LedgerUnavailable if the database does not answer it."""
     try:
-        async with engine.begin() as conn:
-            result = await conn.execute(_insert_once(engine, values))
-            return result.first() is not None
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
     except DB_ERRORS as exc:
-        raise LedgerUnavailable(f"cannot record usage: {describe(exc)}") from exc
+        raise LedgerUnavailable(f"cannot reach the ledger: {describe(exc)}") from exc
 
 
 async def get_usage(engine: AsyncEngine, request_id: str) -> LedgerEntry | None:
@@ -125,39 +162,3 @@ async def get_usage(engine: AsyncEngine, request_id: str) -> LedgerEntry | None:
     except DB_ERRORS as exc:
         raise LedgerUnavailable(f"cannot read the ledger: {describe(exc)}") from exc
     return None if row is None else LedgerEntry(**row._mapping)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RetryPolicy:
-    """How long a ledger write may take and how often it is tried, with doubling pauses."""
-
-    attempts: int = 8
-    backoff_s: float = 0.5
-    backoff_max_s: float = 30.0
-    timeout_s: float = 10.0
-
-
-async def record_with_retry(engine: AsyncEngine, event: UsageRecorded, policy: RetryPolicy) -> bool:
-    """Record the event as `record_usage` does, retrying while the database is unavailable.
-
-    Raises LedgerUnavailable once `policy.attempts` tries have failed or timed out.
-    """
-    pause = policy.backoff_s
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            async with asyncio.timeout(policy.timeout_s):
-                return await record_usage(engine, event)
-        except (LedgerUnavailable, TimeoutError) as exc:
-            reason = str(exc) or f"no answer within {policy.timeout_s}s"
-            if attempt == policy.attempts:
-                raise LedgerUnavailable(f"gave up after {attempt} tries: {reason}") from exc
-            logger.warning(
-                "ledger write failed (try %d of %d), retrying in %.2fs: %s",
-                attempt,
-                policy.attempts,
-                pause,
-                reason,
-            )
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, policy.backoff_max_s)
-    raise LedgerUnavailable("no try was allowed (attempts < 1)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.db import DEFAULT_DATABASE_URL
@@ -18,12 +19,18 @@ class Settings(CommonSettings):
     database_url: str = DEFAULT_DATABASE_URL
     host: str = "127.0.0.1"
     port: int = 8030
-    prefetch: int = 64
-    """Unacked usage events the consumer holds (and writes concurrently) at most."""
+    prefetch: int = 512
+    """Unacked usage events the consumer holds at most.
+
+    Twice `max_batch`: under load one batch is in flight while the next one forms from the
+    deliveries that keep arriving, so a smaller prefetch caps the batches below `max_batch`.
+    """
+    max_batch: int = Field(default=256, ge=1)
+    """Usage events written in one ledger transaction at most."""
     db_timeout_s: float = 10.0
-    """Bound on one ledger write."""
+    """Bound on one try of a ledger write (one batch, split if the database refuses it)."""
     db_retry_attempts: int = 8
-    """Writes tried per delivery before the event goes back to the queue."""
+    """Tries per batch before its events go back to the queue."""
     db_retry_backoff_s: float = 0.5
     """First pause between two tries; doubles each time up to `db_retry_backoff_max_s`.
 

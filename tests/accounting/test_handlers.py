@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,13 +13,16 @@ import httpx
 import pytest
 from faststream.rabbit import RabbitBroker
 from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import names
 from schemas.messages import SiteHeartbeat, UsageRecorded
 from services.accounting.app import create_app
+from services.accounting.batcher import LedgerBatcher, RetryPolicy
+from services.accounting.charges import PERIODS
 from services.accounting.handlers import register_usage_subscriber
-from services.accounting.ledger import LedgerEntry, RetryPolicy, create_schema, get_usage
+from services.accounting.ledger import LedgerEntry, create_schema, get_usage
 from services.accounting.settings import Settings
 from services.common import topology
 from services.common.broker import make_broker, publish
@@ -30,11 +34,17 @@ FAST_RETRY = RetryPolicy(attempts=2, backoff_s=0.2, backoff_max_s=0.2, timeout_s
 
 @asynccontextmanager
 async def running_consumer(
-    rabbit_url: str, engine: AsyncEngine, retry: RetryPolicy = FAST_RETRY
+    rabbit_url: str,
+    engine: AsyncEngine,
+    retry: RetryPolicy = FAST_RETRY,
+    *,
+    prefetch: int = 8,
+    max_batch: int = 256,
 ) -> AsyncIterator[RabbitBroker]:
     """Declare the topology and run the usage subscriber; the broker also publishes."""
-    broker = make_broker(rabbit_url, prefetch=8)
-    register_usage_subscriber(broker, engine, retry)
+    broker = make_broker(rabbit_url, prefetch=prefetch)
+    batcher = LedgerBatcher(engine, retry, max_batch=max_batch)
+    register_usage_subscriber(broker, batcher)
     try:
         await broker.connect()
         await topology.declare_topology(broker)
@@ -42,6 +52,7 @@ async def running_consumer(
         yield broker
     finally:
         await broker.stop()
+        await batcher.aclose()
 
 
 async def _send(broker: RabbitBroker, event: UsageRecorded | SiteHeartbeat) -> None:
@@ -207,6 +218,38 @@ async def test_app_is_ready_and_bills_while_running(rabbit_url: str, sqlite_url:
     assert row.request_id == event.request_id
 
 
+async def test_each_new_ledger_row_is_charged_to_its_quotas_once(
+    rabbit_url: str, sqlite_url: str, new_redis_url: Callable[[], str]
+) -> None:
+    redis_url = new_redis_url()
+    settings = Settings(rabbit_url=rabbit_url, redis_url=redis_url, database_url=sqlite_url)
+    app = create_app(settings)
+    user = f"u-{secrets.token_hex(3)}"
+    event = make_usage(user_id=user, groups=("lab",), prompt_tokens=30, completion_tokens=12)
+    duplicate_before = _settled("duplicate")
+    started = time.time()
+    async with app.router.lifespan_context(app):
+        publisher = make_broker(rabbit_url)
+        try:
+            await publisher.connect()
+            await _send(publisher, event)
+            await _send(publisher, event)  # a redelivery or re-publish: no second charge
+            await _settled_at_least("duplicate", duplicate_before + 1)
+        finally:
+            await publisher.stop()
+    now = time.time()
+    async with Redis.from_url(redis_url) as redis:
+        subjects: list[tuple[names.QuotaScope, str]] = [("user", user), ("group", "lab")]
+        for scope, subject in subjects:
+            for period in PERIODS:
+                # The charge went to the window it was made in: the test may span two.
+                keys = {
+                    names.quota_key("tokens", scope, subject, period, t) for t in (started, now)
+                }
+                values = [int(v or 0) for v in await redis.mget(sorted(keys))]
+                assert sum(values) == 42, keys
+
+
 def test_settings_read_the_service_prefix_and_the_shared_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -217,5 +260,6 @@ def test_settings_read_the_service_prefix_and_the_shared_one(
     settings = Settings()
 
     assert settings.database_url == "sqlite+aiosqlite:///ledger.db"
-    assert (settings.host, settings.port, settings.prefetch) == ("127.0.0.1", 9030, 64)
+    assert (settings.host, settings.port, settings.prefetch) == ("127.0.0.1", 9030, 512)
+    assert settings.max_batch == 256
     assert settings.rabbit_url == "amqp://accounting:secret@mq:5672/first"

@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.accounting.errors import LedgerUnavailable
 from services.accounting.ledger import (
-    RetryPolicy,
     create_schema,
     get_usage,
+    ping,
+    record_batch,
     record_usage,
-    record_with_retry,
-    usage_ledger,
 )
 from services.common.db import make_engine
-from tests.accounting.helpers import eventually, make_usage
-
-
-async def _row_count(engine: AsyncEngine) -> int:
-    async with engine.connect() as conn:
-        return int(
-            (await conn.execute(sa.select(sa.func.count()).select_from(usage_ledger))).scalar_one()
-        )
+from tests.accounting.helpers import count_rows, make_usage
 
 
 async def test_same_event_twice_makes_one_row(ledger: AsyncEngine) -> None:
@@ -35,7 +25,7 @@ async def test_same_event_twice_makes_one_row(ledger: AsyncEngine) -> None:
     assert await record_usage(ledger, event) is True
     assert await record_usage(ledger, event) is False
 
-    assert await _row_count(ledger) == 1
+    assert await count_rows(ledger) == 1
     row = await get_usage(ledger, event.request_id)
     assert row is not None
     assert (row.user_id, row.username, row.model, row.site_id) == (
@@ -72,7 +62,41 @@ async def test_concurrent_deliveries_of_one_event_insert_it_once(ledger: AsyncEn
     inserted = await asyncio.gather(*(record_usage(ledger, event) for _ in range(8)))
 
     assert sorted(inserted) == [False] * 7 + [True]
-    assert await _row_count(ledger) == 1
+    assert await count_rows(ledger) == 1
+
+
+async def test_a_batch_writes_each_request_once_and_returns_the_new_ones(
+    ledger: AsyncEngine,
+) -> None:
+    known = make_usage()
+    await record_usage(ledger, known)
+    first = make_usage(prompt_tokens=5)
+    again = make_usage(request_id=first.request_id, prompt_tokens=500)
+    other = make_usage()
+
+    inserted = await record_batch(ledger, [known, first, again, other])
+
+    assert inserted == {first.request_id, other.request_id}
+    assert await count_rows(ledger) == 3
+    row = await get_usage(ledger, first.request_id)
+    assert row is not None
+    assert row.prompt_tokens == 5
+
+
+async def test_an_empty_batch_writes_nothing(ledger: AsyncEngine) -> None:
+    assert await record_batch(ledger, []) == set()
+
+
+async def test_a_row_the_database_cannot_hold_fails_its_batch_as_unavailable(
+    ledger: AsyncEngine,
+) -> None:
+    good = make_usage()
+    huge = make_usage(prompt_tokens=2**63)  # beyond SQLite's INTEGER and PostgreSQL's integer
+
+    with pytest.raises(LedgerUnavailable, match="cannot record usage"):
+        await record_batch(ledger, [good, huge])
+
+    assert await get_usage(ledger, good.request_id) is None  # one transaction: nothing written
 
 
 async def test_unknown_request_has_no_row(ledger: AsyncEngine) -> None:
@@ -84,7 +108,7 @@ async def test_create_schema_twice_keeps_rows(ledger: AsyncEngine) -> None:
 
     await create_schema(ledger)
 
-    assert await _row_count(ledger) == 1
+    assert await count_rows(ledger) == 1
 
 
 async def test_unreachable_database_is_reported_as_unavailable() -> None:
@@ -92,37 +116,7 @@ async def test_unreachable_database_is_reported_as_unavailable() -> None:
     try:
         with pytest.raises(LedgerUnavailable, match="cannot record usage"):
             await record_usage(engine, make_usage())
-    finally:
-        await engine.dispose()
-
-
-async def test_retry_gives_up_after_its_attempts(sqlite_url: str) -> None:
-    engine = make_engine(sqlite_url)  # no schema: every write fails
-    policy = RetryPolicy(attempts=3, backoff_s=0.01, backoff_max_s=0.02, timeout_s=5)
-    try:
-        with pytest.raises(LedgerUnavailable, match="gave up after 3 tries"):
-            await record_with_retry(engine, make_usage(), policy)
-    finally:
-        await engine.dispose()
-
-
-async def test_retry_records_once_the_database_is_back(
-    sqlite_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    engine = make_engine(sqlite_url)
-    event = make_usage()
-    policy = RetryPolicy(attempts=200, backoff_s=0.02, backoff_max_s=0.02, timeout_s=5)
-    caplog.set_level(logging.WARNING, logger="services.accounting.ledger")
-    try:
-        write = asyncio.create_task(record_with_retry(engine, event, policy))
-
-        async def failed_once() -> bool | None:
-            return any("retrying" in r.getMessage() for r in caplog.records) or None
-
-        await eventually(failed_once, timeout_s=10, what="a failed try")
-        await create_schema(engine)
-
-        assert await asyncio.wait_for(write, 10) is True
-        assert await get_usage(engine, event.request_id) is not None
+        with pytest.raises(LedgerUnavailable, match="cannot reach the ledger"):
+            await ping(engine)
     finally:
         await engine.dispose()
