@@ -95,5 +95,23 @@ def configure_logging(level: str = "INFO", json_logs: bool | None = None) -> Non
     root.handlers[:] = [make_handler(sys.stderr, json_logs=use_json)]
     root.setLevel(level.upper())
     logging.captureWarnings(True)  # warnings become log records too: one format per stream
-    for noisy in ("aiormq", "aio_pika", "httpx", "httpcore", "uvicorn.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
+
+
+LIBRARY_LOGGERS = (
+    "aiormq",
+    "aio_pika",
+    "httpx",
+    "httpcore",
+    "uvicorn.access",
+    "globus_sdk",
+    "urllib3",
+)
+"""Transport libraries that log frames, headers or URLs at DEBUG: message bodies (prompts)
+and credentials (an ingress message's header, a bearer token). Never below WARNING."""
+
+
+def quiet_libraries() -> None:
+    """Keep the transport libraries at WARNING whatever the service's own level."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from services.common.db import make_engine
 from services.gateway import apikeys
 from services.gateway.app import create_app
 from services.gateway.settings import Settings
+from tests.gateway.globus_fake import run_fake_globus
 
 
 @dataclass
@@ -142,3 +143,9 @@ def api_key_for() -> ApiKeyFor:
         return key
 
     return issue
+
+
+@pytest.fixture(scope="module")
+def fake_globus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a running `first fake-globus` (Auth + Groups) for this module."""
+    yield from run_fake_globus(tmp_path_factory)

@@ -8,9 +8,8 @@ globus.org. Nothing here reaches the internet.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,53 +17,21 @@ import pytest
 from redis.asyncio import Redis
 
 from services.common.db import make_engine
-from services.devstack.procs import ProcessGroup
 from services.gateway import apikeys
 from services.gateway.globus_auth import Refusal, check_introspection
 from services.gateway.principal import Principal
 from services.gateway.settings import CatalogueModel
 from tests.faults.privates import free_port
 from tests.gateway.conftest import MakeGateway, live_site
-
-CLIENT_ID = "0b8a1f3e-6a4e-4c1e-9d55-1d2c3e4f5a6b"
-SECRET = "s3cret-for-tests"
-MEMBERS = "11111111-2222-3333-4444-555555555555"
-CACHE_TTL_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def fake_globus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    group = ProcessGroup(tmp_path_factory.mktemp("fake-globus"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-c", "from services.cli import app; app()", "fake-globus"]
-    argv += ["--client-id", CLIENT_ID, "--client-secret", SECRET, "--port", str(port)]
-    proc = group.start("fake-globus", argv, {}, f"{url}/health")
-    try:
-        group.wait_ready(proc, 30)
-        yield url
-    finally:
-        group.stop_all()
-
-
-def mint(globus_url: str, username: str, **spec: Any) -> str:
-    body = {"username": username, **spec}
-    reply = httpx.post(f"{globus_url}/fake/tokens", json=body, timeout=5, trust_env=False)
-    token: str = reply.raise_for_status().json()["access_token"]
-    return token
-
-
-def revoke(globus_url: str, token: str) -> None:
-    body = {"token": token}
-    reply = httpx.post(f"{globus_url}/fake/revoke", json=body, timeout=5, trust_env=False)
-    assert reply.raise_for_status().json()["revoked"] is True
-
-
-def introspections(globus_url: str) -> int:
-    reply = httpx.get(f"{globus_url}/fake/stats", timeout=5, trust_env=False)
-    count: int = reply.raise_for_status().json()["introspections"]
-    return count
-
+from tests.gateway.globus_fake import (
+    CACHE_TTL_S,
+    CLIENT_ID,
+    MEMBERS,
+    SECRET,
+    introspections,
+    mint,
+    revoke,
+)
 
 MODELS = [
     CatalogueModel(name="open-model"),
