@@ -39,7 +39,7 @@ from services.gateway.quotas import Quotas
 from services.gateway.registry import RegistryView, serving_sites
 from services.gateway.settings import CatalogueModel, Settings
 from services.gateway.streams import StreamReader, Subscription
-from services.gateway.validation import include_usage, parse_body
+from services.gateway.validation import check_max_tokens, include_usage, parse_body
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ async def handle(
     """Serve one OpenAI inference request end to end."""
     body = await read_body(request, gw.settings.max_body_bytes)
     parsed = parse_body(endpoint, body)
+    check_max_tokens(parsed, gw.settings.max_tokens_cap)
     entry = gw.catalogue().get(parsed.model)
     if entry is None or not may_use(principal, entry):
         raise model_not_found(parsed.model)

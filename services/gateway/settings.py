@@ -62,6 +62,8 @@ class Settings(CommonSettings):
     )
     models: list[CatalogueModel] = Field(default_factory=lambda: list(DEFAULT_CATALOGUE))
     max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens_cap: int | None = None
+    """The most `max_tokens` (or `max_completion_tokens`) a request may ask for; None: no cap."""
     no_site_wait_s: float = 5.0
     """How long a request for a known model waits for a live site before a 503."""
     retry_after_s: int = 5

@@ -97,3 +97,17 @@ def include_usage(request: AnyRequest) -> bool:
     """Tell whether a streaming client asked for the final usage chunk."""
     options = getattr(request, "stream_options", None)
     return bool(options and options.include_usage)
+
+
+def check_max_tokens(request: AnyRequest, cap: int | None) -> None:
+    """Refuse (400) a request asking for more tokens than the operator's cap allows."""
+    if cap is None:
+        return
+    for field in ("max_tokens", "max_completion_tokens"):
+        asked = getattr(request, field, None)
+        if asked is not None and asked > cap:
+            raise InvalidRequest(
+                f"`{field}` is {asked}; this service allows at most {cap}.",
+                param=field,
+                code="max_tokens_too_large",
+            )

@@ -87,6 +87,7 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
         quotas=Quotas(redis, access),
         catalogue={m.name: m for m in access.models},
         first_record_timeout_s=access.first_record_timeout_s,
+        max_tokens_cap=access.max_tokens_cap,
     )
     deps = Deps(
         settings=settings, broker=broker, redis=redis, registry=registry, admission=admission

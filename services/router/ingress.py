@@ -37,7 +37,7 @@ from services.gateway.errors import NotFound
 from services.gateway.policy import may_use
 from services.gateway.quotas import Quotas
 from services.gateway.settings import CatalogueModel
-from services.gateway.validation import include_usage, parse_body
+from services.gateway.validation import check_max_tokens, include_usage, parse_body
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Admission:
     quotas: Quotas
     catalogue: dict[str, CatalogueModel]
     first_record_timeout_s: float
+    max_tokens_cap: int | None = None
 
     async def admit(self, ingress: IngressRequest, credential: str | None) -> RunInference:
         """Return the RunInference to route, or raise the ApiError the gateway would answer."""
@@ -66,6 +67,7 @@ class Admission:
             None if credential is None else f"Bearer {credential}"
         )
         parsed = parse_body(ingress.endpoint, ingress.body)
+        check_max_tokens(parsed, self.max_tokens_cap)
         entry = self.catalogue.get(parsed.model)
         if entry is None or not may_use(principal, entry):
             raise NotFound(

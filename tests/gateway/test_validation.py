@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from services.gateway.errors import InvalidRequest
-from services.gateway.validation import ChatRequest, include_usage, parse_body
+from services.gateway.validation import ChatRequest, check_max_tokens, include_usage, parse_body
 
 
 @pytest.mark.parametrize(
@@ -52,3 +54,14 @@ def test_prompt_and_input_accept_openai_shapes() -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_body("embeddings", b'{"model": "m", "input": {"a": 1}}')
     assert info.value.param == "input"
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_request_over_the_max_tokens_cap_is_refused_naming_the_field(field: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], field: 65}
+    parsed = parse_body("chat.completions", json.dumps(body).encode())
+    check_max_tokens(parsed, None)  # no cap: anything goes
+    check_max_tokens(parsed, 65)
+    with pytest.raises(InvalidRequest) as refused:
+        check_max_tokens(parsed, 64)
+    assert (refused.value.param, refused.value.code) == (field, "max_tokens_too_large")
