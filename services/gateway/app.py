@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +28,7 @@ from services.gateway.inference import Gateway
 from services.gateway.middleware import ObserveRequests
 from services.gateway.quotas import Quotas
 from services.gateway.registry import RegistryView
-from services.gateway.routes import router
+from services.gateway.routes import OPENAPI_COMPONENTS, router
 from services.gateway.settings import Settings
 from services.gateway.streams import StreamReader
 from services.gateway.usage_routes import router as usage_router
@@ -73,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
             await engine.dispose()
 
     app = FastAPI(title="FIRST gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _document_bodies(app)
     app.add_middleware(ObserveRequests)
     app.include_router(router)
     app.include_router(usage_router)
@@ -88,6 +90,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     add_ops_routes(app, {"rabbitmq": check_broker, "redis": redis.ping, "database": check_db})
     return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Add the request bodies' schemas (see routes.py) to the app's OpenAPI components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()  # built once, then cached by FastAPI: extended once
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(OPENAPI_COMPONENTS)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_error_handlers(app: FastAPI) -> None:

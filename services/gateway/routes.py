@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
+import msgspec
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
@@ -14,8 +15,21 @@ from services.gateway.inference import Gateway, handle, model_not_found
 from services.gateway.policy import may_use
 from services.gateway.principal import Principal
 from services.gateway.registry import serving_sites
+from services.gateway.validation import ChatRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter()
+
+# The bodies the routes read themselves (msgspec, not FastAPI parameters) are documented in
+# the OpenAPI schema from the same msgspec types, so clients and the fuzz test see them.
+_BODIES, OPENAPI_COMPONENTS = msgspec.json.schema_components(
+    (ChatRequest, CompletionRequest, EmbeddingRequest),
+    ref_template="#/components/schemas/{name}",
+)
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    content = {"application/json": {"schema": schema}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 async def get_gateway(request: Request) -> Gateway:
@@ -37,17 +51,17 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=_body(_BODIES[0]))
 async def chat_completions(request: Request, gw: GatewayDep, principal: PrincipalDep) -> Response:
     return await handle(gw, request, "chat.completions", principal)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=_body(_BODIES[1]))
 async def completions(request: Request, gw: GatewayDep, principal: PrincipalDep) -> Response:
     return await handle(gw, request, "completions", principal)
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", openapi_extra=_body(_BODIES[2]))
 async def embeddings(request: Request, gw: GatewayDep, principal: PrincipalDep) -> Response:
     return await handle(gw, request, "embeddings", principal)
 
