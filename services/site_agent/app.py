@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import httpx
 import msgspec
 from fastapi import FastAPI
 from faststream import AckPolicy
@@ -16,7 +15,7 @@ from faststream.rabbit import RabbitBroker
 from faststream.rabbit.schemas import Channel
 
 from schemas import names
-from services.common import topology
+from services.common import streams, topology
 from services.common.broker import current_message, make_broker, raw_body
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
@@ -49,27 +48,15 @@ def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
         await handle_request(current_message(broker), deps)
 
 
-def _backend_client(settings: Settings) -> httpx.AsyncClient:
-    # trust_env=False: cluster nodes often set HTTP(S)_PROXY for the outside world, and the
-    # vLLM instances are local; per-call timeouts override this default.
-    return httpx.AsyncClient(
-        trust_env=False,
-        timeout=httpx.Timeout(settings.backend_read_timeout_s, connect=5.0),
-        limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
-    )
-
-
 def create_app(settings: Settings) -> FastAPI:
     """Build the agent of `settings.site_id`; it connects only when the app starts."""
     broker = make_broker(settings.rabbit_url, prefetch=settings.prefetch)
     redis = make_redis(settings.redis_url)
-    client = _backend_client(settings)  # probes and heartbeats
-    forward_clients = [_backend_client(settings) for _ in range(settings.backend_clients)]
     backends = Backends(settings.backends)
     cancels = CancelWatcher(redis, settings.cancel_poll_s)
-    forwarder = Forwarder(forward_clients, redis, settings)
+    forwarder = Forwarder(streams.StreamWriter(redis), settings)
     executor = Executor(settings, redis, backends, forwarder, cancels)
-    heartbeat = Heartbeat(settings, broker, backends, client)
+    heartbeat = Heartbeat(settings, broker, backends)
     _subscribe(broker, Deps(settings=settings, broker=broker, executor=executor))
 
     @contextlib.asynccontextmanager
@@ -77,26 +64,26 @@ def create_app(settings: Settings) -> FastAPI:
         await broker.connect()
         declare = topology.declare_topology(broker, site_id=settings.site_id)
         await asyncio.wait_for(declare, settings.publish_timeout_s)
-        await backends.probe(client, settings.probe_timeout_s)
-        await broker.start()
-        tasks = [
-            asyncio.create_task(cancels.run(), name="cancel-watcher"),
-            asyncio.create_task(heartbeat.run(), name="heartbeat"),
-        ]
-        logger.info("site %s serving %s", settings.site_id, ", ".join(settings.backends))
-        metrics.BACKENDS.attach(backends)
-        try:
-            yield
-        finally:
-            metrics.BACKENDS.detach(backends)
-            tasks[1].cancel()
-            await broker.stop()  # waits (bounded) for requests in flight; they need the watcher
-            tasks[0].cancel()
-            await asyncio.wait(tasks)
-            await client.aclose()
-            for forward_client in forward_clients:
-                await forward_client.aclose()
-            await redis.aclose()
+        # The HTTP sessions to vLLM are opened here, in the running loop (aiohttp's rule), and
+        # closed after the broker has stopped: requests in flight until then use them.
+        async with forwarder, heartbeat:
+            await heartbeat.probe()
+            await broker.start()
+            tasks = [
+                asyncio.create_task(cancels.run(), name="cancel-watcher"),
+                asyncio.create_task(heartbeat.run(), name="heartbeat"),
+            ]
+            logger.info("site %s serving %s", settings.site_id, ", ".join(settings.backends))
+            metrics.BACKENDS.attach(backends)
+            try:
+                yield
+            finally:
+                metrics.BACKENDS.detach(backends)
+                tasks[1].cancel()
+                await broker.stop()  # waits (bounded) for requests in flight; they need the watcher
+                tasks[0].cancel()
+                await asyncio.wait(tasks)
+                await redis.aclose()
 
     app = FastAPI(title=f"FIRST site agent ({settings.site_id})", lifespan=lifespan)
     app.state.settings = settings

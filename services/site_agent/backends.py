@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.messages import ModelStatus
@@ -21,6 +21,25 @@ WAITING = "vllm:num_requests_waiting"
 KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # new name, old name
 GENERATED = "vllm:generation_tokens_total"
 _WANTED = frozenset((RUNNING, WAITING, GENERATED, *KV_CACHE))
+KEEPALIVE_S = 4.0
+"""How long an idle connection to vLLM stays pooled: less than the 5 s after which vLLM's
+uvicorn closes it, so that a request does not go out on a connection the server is closing."""
+
+
+def backend_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """Return an HTTP session to vLLM instances; call it with the loop running (aiohttp's rule).
+
+    `limit` bounds its open connections (0: none); `timeout` applies to calls that pass none.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=KEEPALIVE_S),
+        # Stated although it is aiohttp's default: cluster nodes often set HTTP(S)_PROXY for
+        # the outside world, and the vLLM instances are local, to be reached directly.
+        trust_env=False,
+        # The requests of all users share the session: nothing may carry over between them.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=timeout,
+    )
 
 
 @dataclass(frozen=True)
@@ -112,18 +131,22 @@ class Pool:
             tokens_per_s=round(sum(i.tokens_per_s for i in up), 3),
         )
 
-    async def probe(self, client: httpx.AsyncClient, limit_s: float) -> None:
-        """Refresh every instance's health and load."""
-        await asyncio.gather(*(self._probe_one(client, i, limit_s) for i in self.instances))
+    async def probe(self, http: aiohttp.ClientSession, limit_s: float) -> None:
+        """Refresh every instance's health and load; each GET is bounded by `limit_s`."""
+        timeout = aiohttp.ClientTimeout(total=limit_s)
+        await asyncio.gather(*(self._probe_one(http, i, timeout) for i in self.instances))
 
     async def _probe_one(
-        self, client: httpx.AsyncClient, instance: Instance, limit_s: float
+        self, http: aiohttp.ClientSession, instance: Instance, timeout: aiohttp.ClientTimeout
     ) -> None:
         try:
-            health = await client.get(f"{instance.url}/health", timeout=limit_s)
-            healthy = health.status_code == 200
-            metrics = await client.get(f"{instance.url}/metrics", timeout=limit_s)
-        except httpx.HTTPError as exc:
+            async with http.get(f"{instance.url}/health", timeout=timeout) as health:
+                healthy = health.status == 200
+                await health.read()  # to its end, so that the connection is reused
+            async with http.get(f"{instance.url}/metrics", timeout=timeout) as metrics:
+                metrics_status = metrics.status
+                text = (await metrics.read()).decode(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
             if instance.healthy:
                 logger.warning("instance %s of %s is down: %r", instance.url, self.model, exc)
             instance.healthy = False
@@ -131,9 +154,9 @@ class Pool:
         if healthy != instance.healthy:
             logger.info("instance %s of %s healthy=%s", instance.url, self.model, healthy)
         instance.healthy = healthy
-        if metrics.status_code == 200:
+        if metrics_status == 200:
             try:
-                instance.load = parse_metrics(metrics.text, self.model)
+                instance.load = parse_metrics(text, self.model)
             except ValueError as exc:
                 logger.warning("unreadable /metrics from %s: %s", instance.url, exc)
                 return
@@ -150,9 +173,9 @@ class Backends:
         """Return the pool of `model`, None if this site does not serve it."""
         return self.pools.get(model)
 
-    async def probe(self, client: httpx.AsyncClient, limit_s: float) -> None:
+    async def probe(self, http: aiohttp.ClientSession, limit_s: float) -> None:
         """Refresh every pool."""
-        await asyncio.gather(*(pool.probe(client, limit_s) for pool in self.pools.values()))
+        await asyncio.gather(*(pool.probe(http, limit_s) for pool in self.pools.values()))
 
     def statuses(self, per_instance: int) -> tuple[ModelStatus, ...]:
         """Return every model's status, by model name."""

@@ -6,28 +6,34 @@ the cumulative usage beside it and the `usage` key taken out of the client's byt
 OpenAI's shape: usage only in the final usage-only chunk, and only if they asked for it). So a
 stream that breaks off or is cancelled bills exactly the tokens of the chunks it delivered.
 
+The body is read as the bytes arrive, and all the events of one read go to Redis in one
+round trip: vLLM's role chunk and first token often come in one read, and time to first token
+would otherwise pay two sequential writes.
+
 A backend that sends no usage at all (not vLLM) is billed by counting chunks with content as
 completion tokens, prompt tokens 0.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
-from redis.asyncio import Redis
 
 from schemas.messages import Endpoint, Outcome, RunInference
 from schemas.records import Chunk, ErrorInfo, Failure, Record, Response, Usage
 from services.common import streams
 from services.site_agent import errors, metrics
-from services.site_agent.backends import Pool
+from services.site_agent.backends import Pool, backend_session
 from services.site_agent.settings import Settings
+from services.site_agent.sse import DONE, SSESplitter
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +43,8 @@ PATHS: dict[Endpoint, str] = {
     "embeddings": "/v1/embeddings",
 }
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
-DONE = b"[DONE]"
+CONNECTIONS = 1024
+"""The forwarder's limit on open connections to vLLM, unless the broker's prefetch is larger."""
 
 
 class _Usage(msgspec.Struct):
@@ -68,7 +75,11 @@ _payload_decoder = msgspec.json.Decoder(_Payload)
 
 @dataclass
 class Progress:
-    """What a forward has delivered so far; read when it is cancelled or breaks off."""
+    """What a forward has delivered so far; read when it is cancelled or breaks off.
+
+    It counts the records handed to the stream writer, which writes them even if the forward
+    is cancelled while it waits (see `Forwarder._write`).
+    """
 
     content_chunks: int = 0
     usage: Usage | None = None
@@ -85,6 +96,17 @@ class Result:
 
     outcome: Outcome
     usage: Usage = field(default_factory=Usage)
+
+
+@dataclass
+class Batch:
+    """The records that one read's events become, and whether they end the stream."""
+
+    records: list[Record] = field(default_factory=list)
+    done: bool = False
+    """[DONE] came: the stream is complete."""
+    error: ErrorInfo | None = None
+    """vLLM sent an error event: the stream ends with it."""
 
 
 def backend_body(request: RunInference) -> bytes:
@@ -109,23 +131,6 @@ def is_streaming(request: RunInference) -> bool:
     return request.stream and request.endpoint != "embeddings"
 
 
-async def sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
-    """Yield each SSE event's data (multi-line data joined by newlines), ending at [DONE]."""
-    lines: list[str] = []
-    async for line in response.aiter_lines():
-        if line.startswith("data:"):
-            value = line[5:]
-            lines.append(value[1:] if value.startswith(" ") else value)
-        elif not line and lines:
-            data = "\n".join(lines).encode()
-            lines = []
-            yield data
-            if data == DONE:
-                return
-    if lines:
-        yield "\n".join(lines).encode()
-
-
 def content_of(payload: _Payload) -> bool:
     """Tell whether a chunk carries generated text."""
     for choice in payload.choices or ():
@@ -134,29 +139,125 @@ def content_of(payload: _Payload) -> bool:
     return False
 
 
-class Forwarder:
-    """Sends requests to a pool's instances and writes what comes back."""
+def take_events(events: Iterable[bytes], include_usage: bool, progress: Progress) -> Batch:
+    """Turn events' data into Chunk records, counting their content and usage into `progress`.
 
-    def __init__(
-        self, clients: Sequence[httpx.AsyncClient], redis: Redis, settings: Settings
-    ) -> None:
-        # Several clients, used in turn: httpx's pool bookkeeping grows with the connections
-        # of one client, and cost ~9 ms of CPU per request at 64 in flight on one client.
-        self._clients = itertools.cycle(clients)
-        self._writer = streams.StreamWriter(redis)
+    Stops at [DONE] or at an error event. vLLM's usage-only final chunk becomes a record only
+    if the client asked for usage (`include_usage`).
+    """
+    batch = Batch()
+    for data in events:
+        if data == DONE:
+            batch.done = True
+            return batch
+        try:
+            payload = _payload_decoder.decode(data)
+        except msgspec.DecodeError:
+            payload = _Payload()
+        if payload.error is not None or payload.object == "error":
+            batch.error = errors.from_backend(None, data)
+            return batch
+        if content_of(payload):
+            progress.content_chunks += 1
+        if payload.usage is None:
+            batch.records.append(Chunk(data=data))
+            continue
+        progress.usage = Usage(
+            prompt_tokens=payload.usage.prompt_tokens,
+            completion_tokens=payload.usage.completion_tokens,
+        )
+        if payload.choices:
+            batch.records.append(Chunk(data=without_usage(data), usage=progress.usage))
+        elif include_usage:  # vLLM's final usage-only chunk
+            batch.records.append(Chunk(data=data, usage=progress.usage))
+    return batch
+
+
+def without_usage(data: bytes) -> bytes:
+    """Return a chunk's JSON without its `usage` key (kept for the agent, not the client)."""
+    chunk = msgspec.json.decode(data)
+    if isinstance(chunk, dict):
+        chunk.pop("usage", None)
+    return msgspec.json.encode(chunk)
+
+
+class Forwarder:
+    """Sends requests to a pool's instances and writes what comes back.
+
+    Use it as `async with forwarder:` around its use: that opens its HTTP session to vLLM,
+    which aiohttp binds to the running loop.
+    """
+
+    def __init__(self, writer: streams.StreamWriter, settings: Settings) -> None:
+        self._writer = writer
         self._settings = settings
+        self._http: aiohttp.ClientSession | None = None
         connect = settings.backend_connect_timeout_s
-        self._stream_timeout = httpx.Timeout(
-            connect=connect, read=settings.backend_read_timeout_s, write=30.0, pool=connect
+        # `connect` bounds both the wait for a free connection of the pool and the TCP connect;
+        # the pool is sized so that there is no such wait (see __aenter__). `sock_read` is the
+        # longest gap between two reads of a stream; a non-streamed answer has `total` for the
+        # whole response (vLLM sends nothing before it is complete).
+        self._stream_timeout = aiohttp.ClientTimeout(
+            connect=connect, sock_read=settings.backend_read_timeout_s
         )
-        self._response_timeout = httpx.Timeout(
-            connect=connect, read=settings.backend_response_timeout_s, write=30.0, pool=connect
+        self._response_timeout = aiohttp.ClientTimeout(
+            total=settings.backend_response_timeout_s, connect=connect
         )
+
+    async def __aenter__(self) -> Forwarder:
+        # One session: unlike httpx's pool, aiohttp's connector costs no more per request with
+        # many connections (measured: the same CPU per stream with 1 or 16 sessions at 64-512
+        # streams in flight). A request never waits for a connection, since the broker's
+        # prefetch bounds the requests in flight; a connect timeout therefore always means
+        # an instance that does not answer, never a busy pool.
+        settings = self._settings
+        limit = max(CONNECTIONS, settings.prefetch + settings.batch_prefetch)
+        self._http = backend_session(limit, self._stream_timeout)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    @contextlib.asynccontextmanager
+    async def _post(
+        self, url: str, body: bytes, timeout: aiohttp.ClientTimeout
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST `body`; on leaving, close the connection unless the response was read to its end.
+
+        Closing is how vLLM learns to abort a generation nobody reads any more (a cancel, a
+        timeout, an error event); and a connection with a response still coming must not go
+        back to the pool. aiohttp would close it too; this does not depend on that.
+        """
+        if self._http is None:
+            raise RuntimeError("Forwarder used outside `async with`")
+        async with self._http.post(url, data=body, headers=JSON_HEADERS, timeout=timeout) as resp:
+            try:
+                yield resp
+            finally:
+                if not resp.content.is_eof():
+                    resp.close()
 
     async def _write(self, request: RunInference, progress: Progress, *records: Record) -> None:
         # The expiry goes on with the first record (the Final renews it); chunks are plain XADDs.
         ttl_s = self._settings.stream_ttl_s if progress.records_written == 0 else None
-        await self._writer.append(request.request_id, *records, ttl_s=ttl_s)
+        try:
+            await self._writer.append(request.request_id, *records, ttl_s=ttl_s)
+        except asyncio.CancelledError:
+            # Cancelled (the client went away) while the records were in flight. The writer's
+            # drainer writes them all the same, and `progress` counts them: wait until they
+            # are in the stream, so that the Final the executor writes next comes after them
+            # and bills exactly what the stream holds. An append of nothing resolves once
+            # everything queued before it is written (one round trip at most, bounded by the
+            # Redis client's socket timeout).
+            await self._writer.append(request.request_id, ttl_s=None)
+            raise
         progress.records_written += len(records)
         metrics.written(records)
 
@@ -171,97 +272,87 @@ class Forwarder:
             body = backend_body(request)
         except errors.InvalidBody as exc:
             return await self._fail(request, progress, errors.invalid_body(str(exc)))
+        streaming = is_streaming(request)
         for instance in pool.candidates():
             url = instance.url + PATHS[request.endpoint]
             try:
                 with instance.busy():
-                    if is_streaming(request):
+                    if streaming:
                         return await self._stream(request, url, body, progress)
                     return await self._respond(request, url, body, progress)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 logger.warning("instance %s unreachable, trying the next: %r", instance.url, exc)
                 instance.mark_down()
-            except httpx.TimeoutException:
+            except TimeoutError:  # after the connect: a read gap, or the whole response
+                settings = self._settings
                 limit = (
-                    self._stream_timeout if is_streaming(request) else self._response_timeout
-                ).read
-                return await self._fail(request, progress, errors.backend_timeout(limit or 0.0))
-            except httpx.HTTPError as exc:
+                    settings.backend_read_timeout_s
+                    if streaming
+                    else settings.backend_response_timeout_s
+                )
+                return await self._fail(request, progress, errors.backend_timeout(limit))
+            except aiohttp.ClientError as exc:
                 return await self._fail(request, progress, errors.backend_error(repr(exc)))
         return await self._fail(request, progress, errors.backend_unavailable(request.model))
 
     async def _respond(
         self, request: RunInference, url: str, body: bytes, progress: Progress
     ) -> Result:
-        response = await next(self._clients).post(
-            url, content=body, headers=JSON_HEADERS, timeout=self._response_timeout
-        )
-        if response.status_code >= 400:
-            error = errors.from_backend(response.status_code, response.content)
-            return await self._fail(request, progress, error)
+        async with self._post(url, body, self._response_timeout) as response:
+            status = response.status
+            raw = await response.read()
+        if status >= 400:
+            return await self._fail(request, progress, errors.from_backend(status, raw))
         try:
-            usage = _payload_decoder.decode(response.content).usage
+            usage = _payload_decoder.decode(raw).usage
         except msgspec.DecodeError:
             usage = None
         if usage is not None:
             completion = 0 if request.endpoint == "embeddings" else usage.completion_tokens
             progress.usage = Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=completion)
-        await self._write(
-            request, progress, Response(status=response.status_code, body=response.content)
-        )
+        await self._write(request, progress, Response(status=status, body=raw))
         return Result("completed", progress.usage_so_far())
 
     async def _stream(
         self, request: RunInference, url: str, body: bytes, progress: Progress
     ) -> Result:
-        async with next(self._clients).stream(
-            "POST", url, content=body, headers=JSON_HEADERS, timeout=self._stream_timeout
-        ) as response:
-            if response.status_code >= 400:
-                raw = await response.aread()
+        async with self._post(url, body, self._stream_timeout) as response:
+            if response.status >= 400:
+                raw = await response.read()
                 return await self._fail(
-                    request, progress, errors.from_backend(response.status_code, raw)
+                    request, progress, errors.from_backend(response.status, raw)
                 )
-            async for data in sse_data(response):
-                if data == DONE:
-                    return Result("completed", progress.usage_so_far())
-                error = await self._on_chunk(request, data, progress)
-                if error is not None:
-                    return await self._fail(request, progress, error)
+            splitter = SSESplitter()
+            async for data in response.content.iter_any():
+                result = await self._relay(request, splitter.feed(data), progress)
+                if result is not None:
+                    return result
+            result = await self._relay(request, splitter.close(), progress)
+            if result is not None:
+                return result
         return await self._fail(
             request, progress, errors.backend_error("stream ended without [DONE]")
         )
 
-    async def _on_chunk(
-        self, request: RunInference, data: bytes, progress: Progress
-    ) -> ErrorInfo | None:
-        """Write one chunk (unless it is the usage-only chunk the client did not ask for)."""
-        try:
-            payload = _payload_decoder.decode(data)
-        except msgspec.DecodeError:
-            payload = _Payload()
-        if payload.error is not None or payload.object == "error":
-            return errors.from_backend(None, data)
-        if content_of(payload):
-            progress.content_chunks += 1
-        if payload.usage is None:
-            await self._write(request, progress, Chunk(data=data))
+    async def _relay(
+        self, request: RunInference, events: list[bytes], progress: Progress
+    ) -> Result | None:
+        """Write the records of one read's events in one round trip; return how they end it."""
+        if not events:
             return None
-        progress.usage = Usage(
-            prompt_tokens=payload.usage.prompt_tokens,
-            completion_tokens=payload.usage.completion_tokens,
-        )
-        if not payload.choices:  # vLLM's final usage-only chunk
-            if request.include_usage:
-                await self._write(request, progress, Chunk(data=data, usage=progress.usage))
-            return None
-        await self._write(request, progress, Chunk(data=without_usage(data), usage=progress.usage))
+        # `take_events` counts into `progress` and `_write` queues the records with the writer
+        # with no await in between: a cancel can only land once the records are queued, and
+        # queued records are written (see `_write`). So the usage billed on a cancel is that
+        # of the records in the stream, no more, no less. (If Redis fails instead, the error
+        # propagates, the delivery is requeued and billed from what its stream holds.)
+        batch = take_events(events, request.include_usage, progress)
+        if batch.error is not None:
+            logger.info("request failed: %s %s", batch.error.status, batch.error.code)
+            batch.records.append(Failure(error=batch.error))
+        if batch.records:
+            await self._write(request, progress, *batch.records)
+        if batch.error is not None:
+            return Result("failed", progress.usage_so_far())
+        if batch.done:
+            return Result("completed", progress.usage_so_far())
         return None
-
-
-def without_usage(data: bytes) -> bytes:
-    """Return a chunk's JSON without its `usage` key (kept for the agent, not the client)."""
-    chunk = msgspec.json.decode(data)
-    if isinstance(chunk, dict):
-        chunk.pop("usage", None)
-    return msgspec.json.encode(chunk)

@@ -5,34 +5,56 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from types import TracebackType
 
-import httpx
+import aiohttp
 from faststream.rabbit import RabbitBroker
 
 from schemas.messages import SiteHeartbeat
 from services.common import topology
 from services.common.broker import PUBLISH_ERRORS, publish
-from services.site_agent.backends import Backends
+from services.site_agent.backends import Backends, backend_session
 from services.site_agent.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Publishes a SiteHeartbeat every `settings.heartbeat_interval_s`."""
+    """Publishes a SiteHeartbeat every `settings.heartbeat_interval_s`.
 
-    def __init__(
-        self,
-        settings: Settings,
-        broker: RabbitBroker,
-        backends: Backends,
-        client: httpx.AsyncClient,
-    ) -> None:
+    Probing needs `async with heartbeat:`, which opens its HTTP session to the instances
+    (aiohttp binds it to the running loop); `build` does not.
+    """
+
+    def __init__(self, settings: Settings, broker: RabbitBroker, backends: Backends) -> None:
         self._settings = settings
         self._broker = broker
         self._backends = backends
-        self._client = client
+        self._http: aiohttp.ClientSession | None = None
         self._failing = False
+
+    async def __aenter__(self) -> Heartbeat:
+        # Its own session, not the forwarder's: a probe must not wait behind requests for a
+        # connection. Unlimited: one probe per instance is in flight at a time.
+        timeout = aiohttp.ClientTimeout(total=self._settings.probe_timeout_s)
+        self._http = backend_session(0, timeout)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def probe(self) -> None:
+        """Refresh the instances' health and load."""
+        if self._http is None:
+            raise RuntimeError("Heartbeat probed outside `async with`")
+        await self._backends.probe(self._http, self._settings.probe_timeout_s)
 
     def build(self, now: float) -> SiteHeartbeat:
         """Return the heartbeat for the instances' last probed state."""
@@ -49,7 +71,7 @@ class Heartbeat:
 
         Raises what `publish` raises (e.g. no router is bound to the heartbeats exchange).
         """
-        await self._backends.probe(self._client, self._settings.probe_timeout_s)
+        await self.probe()
         heartbeat = self.build(time.time())
         await publish(
             self._broker,

@@ -35,8 +35,6 @@ class Settings(CommonSettings):
     agent's requests are taken over by its successor after at most this long."""
     claim_poll_s: float = 0.5
     """How often a delivery whose claim another agent of this site holds looks again."""
-    backend_clients: int = Field(default=16, ge=1)
-    """HTTP clients to vLLM used in turn (one client's pool gets slow with many connections)."""
     backend_connect_timeout_s: float = 5.0
     backend_read_timeout_s: float = 60.0
     """Longest gap between two chunks of a streamed response."""

@@ -104,6 +104,11 @@ def forger(producer_user: tuple[str, str, str], rabbit_api: httpx.Client) -> Ite
 
 
 @pytest.fixture(scope="module")
+def module_redis_url(new_redis_url: Callable[[], str]) -> str:
+    return new_redis_url()
+
+
+@pytest.fixture(scope="module")
 def backend() -> Iterator[FakeBackend]:
     server = FakeBackend(unique("fake-model")).start()
     yield server
@@ -113,14 +118,16 @@ def backend() -> Iterator[FakeBackend]:
 @pytest.fixture
 async def deployment(
     producer_user: tuple[str, str, str],
-    new_redis_url: Callable[[], str],
+    module_redis_url: str,
     sqlite_url: str,
     backend: FakeBackend,
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Deployment]:
     """Router (admitting with the gateway's settings) and a site agent, both in-process."""
     rabbit_url, producer_url, _user = producer_user
-    redis_url = new_redis_url()
+    redis_url = module_redis_url
+    async with Redis.from_url(redis_url) as redis:
+        await redis.flushdb()  # one database per module (a session has 15), empty per test
     limits = getattr(request, "param", Limits())
     access = GatewaySettings(
         database_url=sqlite_url,

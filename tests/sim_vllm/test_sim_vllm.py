@@ -23,7 +23,7 @@ from services.cli import app as cli_app
 from services.sim_vllm.__main__ import parse_settings, running
 from services.sim_vllm.settings import Settings
 from services.site_agent.backends import Load, parse_metrics
-from services.site_agent.forwarder import sse_data
+from services.site_agent.sse import SSESplitter
 
 USER: list[Any] = [{"role": "user", "content": "three little words"}]
 CHAT_PROMPT_TOKENS = 2 + 4 + 3  # generation prompt + message template + words
@@ -327,9 +327,10 @@ async def test_close_after_tokens_breaks_the_stream_without_done(
     request = http.stream("POST", f"{url}/v1/chat/completions", json=chat_body(10, stream=True))
 
     async def read() -> None:
+        splitter = SSESplitter()  # the site agent's SSE reader
         async with request as response:
-            async for data in sse_data(response):  # the site agent's SSE reader
-                seen.append(data)
+            async for raw in response.aiter_raw():
+                seen.extend(splitter.feed(raw))
 
     with pytest.raises(httpx.RemoteProtocolError):
         await read()
