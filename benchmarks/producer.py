@@ -89,6 +89,8 @@ async def through_gateway(
 
     started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(window)))
+    for reason, count in client.tally.reasons.most_common(3):
+        print(f"  gateway error x{count}: {reason}")
     return time.monotonic() - started, completed
 
 

@@ -24,22 +24,20 @@ from services.common.broker import publish
 from services.common.ids import new_request_id
 from services.common.logging import request_id_var
 from services.gateway import metrics
+from services.gateway.admission import check_request, job_for, model_not_found
 from services.gateway.errors import (
     ApiError,
-    NotFound,
     PayloadTooLarge,
     Unavailable,
     UpstreamTimeout,
     error_body,
     error_response,
 )
-from services.gateway.policy import may_use
 from services.gateway.principal import Principal
 from services.gateway.quotas import Quotas
 from services.gateway.registry import RegistryView, serving_sites
 from services.gateway.settings import CatalogueModel, Settings
 from services.gateway.streams import StreamReader, Subscription
-from services.gateway.validation import check_max_tokens, include_usage, parse_body
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +77,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def model_not_found(model: str) -> NotFound:
-    return NotFound(
-        f"The model `{model}` does not exist or you do not have access to it.",
-        code="model_not_found",
-        param="model",
-    )
-
-
 async def wait_for_site(gw: Gateway, entry: CatalogueModel) -> None:
     """Wait (bounded) for a live site serving the model; 503 with Retry-After if none comes."""
     deadline = time.monotonic() + gw.settings.no_site_wait_s
@@ -108,27 +98,22 @@ async def handle(
 ) -> Response:
     """Serve one OpenAI inference request end to end."""
     body = await read_body(request, gw.settings.max_body_bytes)
-    parsed = parse_body(endpoint, body)
-    check_max_tokens(parsed, gw.settings.max_tokens_cap)
-    entry = gw.catalogue().get(parsed.model)
-    if entry is None or not may_use(principal, entry):
-        raise model_not_found(parsed.model)
+    parsed, entry = check_request(
+        endpoint, body, principal, gw.catalogue(), gw.settings.max_tokens_cap
+    )
     await wait_for_site(gw, entry)
     await gw.quotas.admit(principal)  # last: a refused request counts against nothing
     now = time.time()
-    job = RunInference(
+    job = job_for(
+        principal,
+        endpoint,
+        parsed,
+        body,
+        entry,
         request_id=new_request_id(),
-        user_id=principal.user_id,
-        username=principal.username,
-        groups=principal.groups,
-        model=parsed.model,
-        endpoint=endpoint,
-        stream=bool(getattr(parsed, "stream", False)),
-        include_usage=include_usage(parsed),
-        body=body,
+        priority="interactive",
         created_at=now,
         expires_at=now + gw.settings.first_record_timeout_s,
-        allowed_sites=tuple(entry.sites),
     )
     request_id_var.set(job.request_id)
     return await _run(gw, job)

@@ -71,8 +71,10 @@ class Producer:
         self._credential = credential
         self._window = asyncio.Semaphore(window)
         self._confirm_timeout_s = confirm_timeout_s
-        # The blocking reads of `result` need a socket timeout above their BLOCK.
-        self._redis: Redis = make_redis(redis_url, socket_timeout=10.0)
+        # The blocking reads of `result` need a socket timeout above their BLOCK, and each
+        # awaited result holds a connection while it blocks: callers keep at most `window`
+        # results awaited at once (as `first queue publish` does).
+        self._redis: Redis = make_redis(redis_url, socket_timeout=10.0, max_connections=window + 8)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None

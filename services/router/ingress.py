@@ -32,12 +32,10 @@ from schemas import names
 from schemas.codec import encode
 from schemas.messages import IngressRequest, RunInference
 from schemas.records import ErrorInfo, Failure, Final, Usage
+from services.gateway.admission import check_request, job_for
 from services.gateway.auth import Authenticator
-from services.gateway.errors import NotFound
-from services.gateway.policy import may_use
 from services.gateway.quotas import Quotas
 from services.gateway.settings import CatalogueModel
-from services.gateway.validation import check_max_tokens, include_usage, parse_body
 
 logger = logging.getLogger(__name__)
 
@@ -66,31 +64,21 @@ class Admission:
         principal = await self.authenticator.authenticate(
             None if credential is None else f"Bearer {credential}"
         )
-        parsed = parse_body(ingress.endpoint, ingress.body)
-        check_max_tokens(parsed, self.max_tokens_cap)
-        entry = self.catalogue.get(parsed.model)
-        if entry is None or not may_use(principal, entry):
-            raise NotFound(
-                f"The model `{parsed.model}` does not exist or you do not have access to it.",
-                code="model_not_found",
-                param="model",
-            )
+        parsed, entry = check_request(
+            ingress.endpoint, ingress.body, principal, self.catalogue, self.max_tokens_cap
+        )
         await self.quotas.admit(principal)
         now = time.time()
-        return RunInference(
+        return job_for(
+            principal,
+            ingress.endpoint,
+            parsed,
+            ingress.body,
+            entry,
             request_id=ingress.request_id,
-            user_id=principal.user_id,
-            username=principal.username,
-            groups=principal.groups,
-            model=parsed.model,
-            endpoint=ingress.endpoint,
             priority=ingress.priority,
-            stream=bool(getattr(parsed, "stream", False)),
-            include_usage=include_usage(parsed),
-            body=ingress.body,
             created_at=ingress.created_at or now,
             expires_at=now + self.first_record_timeout_s,
-            allowed_sites=tuple(entry.sites),
         )
 
 
