@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 WAKE_MAXLEN = 100
 WAKE_TTL_S = 3600
 READ_COUNT = 256
+STOP_TIMEOUT_S = 3.0
 STREAM_UNAVAILABLE = ErrorInfo(
     status=503,
     message="The stream store (Redis) is unreachable; the request's outcome is unknown. "
@@ -80,17 +81,28 @@ class StreamReader:
         self._wake_last = f"{int(time.time() * 1000)}-0"
         self._subs: dict[str, Subscription] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Start the read loop."""
         self._task = asyncio.create_task(self._run(), name="stream-reader")
 
     async def stop(self) -> None:
-        """Stop the loop and close the blocking connection."""
+        """Stop the loop and close the blocking connection.
+
+        The loop is woken and left to return from its read, not cancelled inside it: over TLS
+        (rediss://) redis-py can hang on a read cancelled mid-way. Cancelling stays the
+        fallback, after a bound.
+        """
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping = True
+            await self._wake()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT_S)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(self._task, STOP_TIMEOUT_S)
         await self._blocking.aclose()
 
     def subscribe(self, request_id: str) -> Subscription:
@@ -138,7 +150,7 @@ class StreamReader:
 
     async def _run(self) -> None:
         backoff, failing_since = 0.1, 0.0
-        while True:
+        while not self._stopping:
             streams = {self._wake_key: self._wake_last}
             streams.update({key: sub.last_id for key, sub in self._subs.items()})
             self._reads += 1
