@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -58,7 +59,9 @@ class Gateway:
     registry: RegistryView
     quotas: Quotas
 
+    @functools.cached_property
     def catalogue(self) -> dict[str, CatalogueModel]:
+        """The models by name, built once (it was rebuilt on every request)."""
         return {m.name: m for m in self.settings.models}
 
 
@@ -99,7 +102,7 @@ async def handle(
     """Serve one OpenAI inference request end to end."""
     body = await read_body(request, gw.settings.max_body_bytes)
     parsed, entry = check_request(
-        endpoint, body, principal, gw.catalogue(), gw.settings.max_tokens_cap
+        endpoint, body, principal, gw.catalogue, gw.settings.max_tokens_cap
     )
     await wait_for_site(gw, entry)
     await gw.quotas.admit(principal)  # last: a refused request counts against nothing

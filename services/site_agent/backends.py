@@ -8,6 +8,8 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,6 +42,30 @@ def backend_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.Clien
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=timeout,
     )
+
+
+class SessionOwner:
+    """Holds one aiohttp session from `async with` to its end (aiohttp binds a session to the
+    running loop, so it cannot be made when the app is built)."""
+
+    _http: aiohttp.ClientSession | None = None
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._http = self._open_session()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
 
 @dataclass(frozen=True)

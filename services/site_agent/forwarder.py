@@ -21,7 +21,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -31,7 +30,7 @@ from schemas.messages import Endpoint, Outcome, RunInference
 from schemas.records import Chunk, ErrorInfo, Failure, Record, Response, Usage
 from services.common import streams
 from services.site_agent import errors, metrics
-from services.site_agent.backends import Pool, backend_session
+from services.site_agent.backends import Pool, SessionOwner, backend_session
 from services.site_agent.settings import Settings
 from services.site_agent.sse import DONE, SSESplitter
 
@@ -181,7 +180,7 @@ def without_usage(data: bytes) -> bytes:
     return msgspec.json.encode(chunk)
 
 
-class Forwarder:
+class Forwarder(SessionOwner):
     """Sends requests to a pool's instances and writes what comes back.
 
     Use it as `async with forwarder:` around its use: that opens its HTTP session to vLLM,
@@ -191,7 +190,6 @@ class Forwarder:
     def __init__(self, writer: streams.StreamWriter, settings: Settings) -> None:
         self._writer = writer
         self._settings = settings
-        self._http: aiohttp.ClientSession | None = None
         connect = settings.backend_connect_timeout_s
         # `connect` bounds both the wait for a free connection of the pool and the TCP connect;
         # the pool is sized so that there is no such wait (see __aenter__). `sock_read` is the
@@ -204,7 +202,7 @@ class Forwarder:
             total=settings.backend_response_timeout_s, connect=connect
         )
 
-    async def __aenter__(self) -> Forwarder:
+    def _open_session(self) -> aiohttp.ClientSession:
         # One session: unlike httpx's pool, aiohttp's connector costs no more per request with
         # many connections (measured: the same CPU per stream with 1 or 16 sessions at 64-512
         # streams in flight). A request never waits for a connection, since the broker's
@@ -212,18 +210,7 @@ class Forwarder:
         # an instance that does not answer, never a busy pool.
         settings = self._settings
         limit = max(CONNECTIONS, settings.prefetch + settings.batch_prefetch)
-        self._http = backend_session(limit, self._stream_timeout)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        return backend_session(limit, self._stream_timeout)
 
     @contextlib.asynccontextmanager
     async def _post(

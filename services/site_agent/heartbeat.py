@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from types import TracebackType
 
 import aiohttp
 from faststream.rabbit import RabbitBroker
@@ -13,13 +12,13 @@ from faststream.rabbit import RabbitBroker
 from schemas.messages import SiteHeartbeat
 from services.common import topology
 from services.common.broker import PUBLISH_ERRORS, publish
-from services.site_agent.backends import Backends, backend_session
+from services.site_agent.backends import Backends, SessionOwner, backend_session
 from services.site_agent.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-class Heartbeat:
+class Heartbeat(SessionOwner):
     """Publishes a SiteHeartbeat every `settings.heartbeat_interval_s`.
 
     Probing needs `async with heartbeat:`, which opens its HTTP session to the instances
@@ -30,25 +29,13 @@ class Heartbeat:
         self._settings = settings
         self._broker = broker
         self._backends = backends
-        self._http: aiohttp.ClientSession | None = None
         self._failing = False
 
-    async def __aenter__(self) -> Heartbeat:
+    def _open_session(self) -> aiohttp.ClientSession:
         # Its own session, not the forwarder's: a probe must not wait behind requests for a
         # connection. Unlimited: one probe per instance is in flight at a time.
         timeout = aiohttp.ClientTimeout(total=self._settings.probe_timeout_s)
-        self._http = backend_session(0, timeout)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        return backend_session(0, timeout)
 
     async def probe(self) -> None:
         """Refresh the instances' health and load."""

@@ -14,14 +14,13 @@ from schemas import names
 from schemas.messages import SiteHeartbeat, UsageRecorded
 from services.accounting.batcher import RetryPolicy
 from services.accounting.ledger import create_schema, record_usage
-from services.common import topology
-from services.common.broker import publish
 from services.common.db import make_engine
 from tests.accounting.helpers import Batches, count_rows, eventually, make_usage
 from tests.accounting.test_handlers import (
     _dead_queue_path,
     _peek_dead,
     _send,
+    _send_poison,
     _settled,
     _settled_at_least,
     running_consumer,
@@ -105,21 +104,7 @@ async def test_poison_inside_a_burst_is_dead_lettered_and_the_others_written(
     recorded, rejected = _settled("recorded"), _settled("rejected")
 
     await _publish_all(broker, before)
-    await broker.publish(
-        b"\xc1 not msgpack",
-        exchange=topology.USAGE,
-        routing_key=names.USAGE_ROUTING_KEY,
-        persist=True,
-        message_id=garbage_id,
-    )
-    await publish(
-        broker,
-        heartbeat,
-        exchange=topology.USAGE,
-        routing_key=names.USAGE_ROUTING_KEY,
-        timeout=10,
-        message_id=heartbeat_id,
-    )
+    await _send_poison(broker, garbage_id, heartbeat, heartbeat_id)
     await _publish_all(broker, after)
     async with running_consumer(rabbit_url, ledger, prefetch=64):
         await _settled_at_least("recorded", recorded + 40)

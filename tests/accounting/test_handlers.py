@@ -71,6 +71,27 @@ def _settled(result: str) -> float:
     return value or 0.0
 
 
+async def _send_poison(
+    broker: RabbitBroker, garbage_id: str, heartbeat: SiteHeartbeat, heartbeat_id: str
+) -> None:
+    """Publish undecodable bytes, then a valid message of the wrong kind (an unknown tag here)."""
+    await broker.publish(
+        b"\xc1 not msgpack",
+        exchange=topology.USAGE,
+        routing_key=names.USAGE_ROUTING_KEY,
+        persist=True,
+        message_id=garbage_id,
+    )
+    await publish(
+        broker,
+        heartbeat,
+        exchange=topology.USAGE,
+        routing_key=names.USAGE_ROUTING_KEY,
+        timeout=10,
+        message_id=heartbeat_id,
+    )
+
+
 async def _row(engine: AsyncEngine, request_id: str) -> LedgerEntry:
     async def probe() -> LedgerEntry | None:
         return await get_usage(engine, request_id)
@@ -140,21 +161,7 @@ async def test_poison_messages_are_dead_lettered_and_the_next_event_is_billed(
 
     async with running_consumer(rabbit_url, sqlite_ledger) as broker:
         dead_before = await _dead_count(rabbit_api, path)
-        await broker.publish(
-            b"\xc1 not msgpack",
-            exchange=topology.USAGE,
-            routing_key=names.USAGE_ROUTING_KEY,
-            persist=True,
-            message_id=garbage_id,
-        )
-        await publish(
-            broker,
-            heartbeat,  # a valid message, but not a UsageRecorded: an unknown tag here
-            exchange=topology.USAGE,
-            routing_key=names.USAGE_ROUTING_KEY,
-            timeout=10,
-            message_id=heartbeat_id,
-        )
+        await _send_poison(broker, garbage_id, heartbeat, heartbeat_id)
         await _send(broker, good)
 
         row = await _row(sqlite_ledger, good.request_id)
