@@ -13,7 +13,7 @@ from schemas.messages import (
     SiteHeartbeat,
     UsageRecorded,
 )
-from schemas.records import AnyRecord
+from schemas.records import AnyRecord, Reply
 
 DecodeError = msgspec.DecodeError
 """Raised for bytes that are not a valid message (undecodable, unknown tag, wrong fields)."""
@@ -26,6 +26,7 @@ ingress_decoder: Final = msgspec.msgpack.Decoder(IngressRequest)
 usage_decoder: Final = msgspec.msgpack.Decoder(UsageRecorded)
 heartbeat_decoder: Final = msgspec.msgpack.Decoder(SiteHeartbeat)
 record_decoder: Final = msgspec.msgpack.Decoder(AnyRecord)
+reply_decoder: Final = msgspec.msgpack.Decoder(Reply)
 
 
 def encode(obj: msgspec.Struct) -> bytes:

@@ -43,6 +43,9 @@ class RunInference(Message, tag=True, frozen=True, kw_only=True):
     site_id: str = ""
     allowed_sites: tuple[str, ...] = ()
     """The catalogue's sites for this model; empty means any site that serves it."""
+    reply_to: str = ""
+    """A direct producer's reply queue (checked by the router to be the producer's own):
+    the site agent also sends the request's `Reply` there. Empty: the stream only."""
 
 
 class IngressRequest(Message, tag=True, frozen=True, kw_only=True):
@@ -60,6 +63,9 @@ class IngressRequest(Message, tag=True, frozen=True, kw_only=True):
     """The OpenAI request body, JSON, as an HTTP client would POST it."""
     priority: Priority = "interactive"
     created_at: float = 0.0
+    reply_to: str = ""
+    """A queue named `names.reply_queue_prefix(<the publisher's RabbitMQ user>)` + anything, that
+    the producer declared: its `Reply` goes there too (at least once). Empty: the stream only."""
 
 
 class UsageRecorded(Message, tag=True, frozen=True, kw_only=True):

@@ -67,6 +67,11 @@ def site_control_routing_key(site_id: str) -> str:
     return f"control.{site_id}"
 
 
+def reply_queue_prefix(amqp_user: str) -> str:
+    """Return the prefix of the reply queues a producer's RabbitMQ user may name and read."""
+    return f"first.reply.{amqp_user}."
+
+
 def heartbeat_queue(router_instance: str) -> str:
     """Return the exclusive heartbeat queue of one router replica."""
     return f"first.router.heartbeats.{router_instance}"
@@ -93,6 +98,15 @@ def claim_key(request_id: str) -> str:
 
 REGISTRY_KEY: Final = "first:registry"
 """Hash site_id -> msgpack SiteHeartbeat, mirrored by the router for gateways to read."""
+
+
+def supervisor_key(part: Literal["lock", "leases"]) -> str:
+    """Return a key of `first sites supervise`: its lock, or its hash of leases.
+
+    The lock (SET NX PX, token value) keeps one supervisor active; the leases hash (site_id ->
+    start time of the site's newest lease) lets a standby that takes over adopt running leases.
+    """
+    return f"first:supervisor:{part}"
 
 
 def wake_key(reader_id: str) -> str:

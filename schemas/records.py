@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from schemas.messages import Outcome
+from schemas.messages import Message, Outcome
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,3 +68,24 @@ class Final(Record, tag=True, frozen=True, kw_only=True):
 
 
 AnyRecord = Chunk | Response | Failure | Final
+
+
+class Reply(Message, tag=True, frozen=True, kw_only=True):
+    """A request's stream folded into one message, for the reply queue its producer named.
+
+    Sent at least once (a redelivered request replies again): receivers keep the first per
+    `request_id`. `status` is the HTTP status the gateway would have answered; a streamed
+    request's events are in `chunks`, a non-streamed body in `body`.
+    """
+
+    request_id: str
+    status: int
+    outcome: Outcome
+    usage: Usage
+    body: bytes = b""
+    chunks: tuple[bytes, ...] = ()
+    error: ErrorInfo | None = None
+
+    def json(self) -> object:
+        """Return the response body as JSON (None if there is none)."""
+        return msgspec.json.decode(self.body) if self.body else None

@@ -16,11 +16,11 @@ from services.accounting.charges import charge
 from services.accounting.handlers import register_usage_subscriber
 from services.accounting.ledger import create_schema, ping
 from services.accounting.settings import Settings
+from services.common import topology
 from services.common.broker import make_broker
 from services.common.db import make_engine
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
-from services.common.topology import declare_topology
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             await create_schema(engine)
             await broker.connect()
-            await declare_topology(broker)
+            await topology.prepare(
+                broker, declare=settings.declare_topology, timeout_s=settings.publish_timeout_s
+            )
             await broker.start()
             logger.info(
                 "consuming %s into %s",

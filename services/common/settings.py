@@ -28,5 +28,8 @@ class CommonSettings(BaseSettings):
     """JSON logs; None means JSON when stderr is not a TTY."""
     publish_timeout_s: float = shared(10.0, "PUBLISH_TIMEOUT_S")
     """Bound on one publisher-confirmed publish."""
+    declare_topology: bool = shared(True, "DECLARE_TOPOLOGY")
+    """Declare the exchanges and queues at start; false when an operator declared them with
+    `first rabbit setup` and the service's user may not (services/common/rabbit_access.py)."""
     site_ttl_s: float = shared(15.0, "SITE_TTL_S")
     """A site without a heartbeat for this long is not live."""

@@ -6,6 +6,7 @@ place the arguments live; services declare what they publish to and consume from
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Final
 
 from faststream.rabbit import ExchangeType, QueueType, RabbitBroker, RabbitExchange, RabbitQueue
@@ -33,6 +34,10 @@ SITES = _topic(names.SITES_EXCHANGE)
 CONTROL = _topic(names.CONTROL_EXCHANGE)
 USAGE = _topic(names.USAGE_EXCHANGE)
 HEARTBEATS = RabbitExchange(names.HEARTBEATS_EXCHANGE, type=ExchangeType.FANOUT, durable=True)
+HEARTBEATS_EXISTING = RabbitExchange(
+    names.HEARTBEATS_EXCHANGE, type=ExchangeType.FANOUT, durable=True, declare=False
+)
+"""For binding to: a passive declare needs no configure permission (the router's user has none)."""
 DEAD = RabbitExchange(names.DEAD_EXCHANGE, type=ExchangeType.FANOUT, durable=True)
 
 
@@ -82,3 +87,16 @@ async def declare_topology(broker: RabbitBroker, *, site_id: str | None = None) 
     for exchange, queue, routing_key in bindings:
         declared = await broker.declare_queue(queue)
         await declared.bind(exchange.name, routing_key=routing_key)
+
+
+async def prepare(
+    broker: RabbitBroker, *, declare: bool, timeout_s: float, site_id: str | None = None
+) -> None:
+    """Declare the topology at a service's start (bounded), unless an operator has done it.
+
+    With `declare=False` (FIRST_DECLARE_TOPOLOGY=false) nothing is declared: the service's
+    least-privilege user could not, and its consumers' passive declares fail fast if the setup
+    was skipped.
+    """
+    if declare:
+        await asyncio.wait_for(declare_topology(broker, site_id=site_id), timeout_s)

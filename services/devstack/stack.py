@@ -77,6 +77,8 @@ class StackConfig:
     agent_port: int = 8020
     accounting_port: int = 8030
     extra_env: dict[str, str] = field(default_factory=dict)
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per service (by name in SERVICES), on top of `env()`: e.g. its own RabbitMQ user."""
 
     @property
     def base_url(self) -> str:
@@ -125,7 +127,7 @@ def start_service(
     proc = group.start(
         name,
         [sys.executable, "-m", f"services.{name}"],
-        config.env(),
+        config.env() | config.service_env.get(name, {}),
         f"http://127.0.0.1:{port}/ready",
     )
     group.wait_ready(proc, timeout_s)

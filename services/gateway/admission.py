@@ -47,6 +47,7 @@ def job_for(
     priority: Priority,
     created_at: float,
     expires_at: float,
+    reply_to: str = "",
 ) -> RunInference:
     """Return the RunInference an admitted request travels as (no credential in it)."""
     return RunInference(
@@ -63,4 +64,5 @@ def job_for(
         created_at=created_at,
         expires_at=expires_at,
         allowed_sites=tuple(entry.sites),
+        reply_to=reply_to,
     )

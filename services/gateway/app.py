@@ -15,11 +15,11 @@ from starlette.exceptions import HTTPException
 
 from schemas.records import ErrorInfo
 from services.accounting import ledger
+from services.common import topology
 from services.common.broker import make_broker
 from services.common.db import make_engine
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
-from services.common.topology import declare_topology
 from services.gateway import apikeys
 from services.gateway.auth import ApiKeyAuthenticator, Authenticator
 from services.gateway.errors import ApiError, error_response
@@ -47,7 +47,9 @@ def create_app(settings: Settings) -> FastAPI:
         await apikeys.create_schema(engine)
         await ledger.create_schema(engine)  # the report reads it, even before any usage
         await broker.connect()
-        await declare_topology(broker)
+        await topology.prepare(
+            broker, declare=settings.declare_topology, timeout_s=settings.publish_timeout_s
+        )
         reader = StreamReader(
             settings.redis_url, redis, settings.read_block_ms, settings.redis_give_up_s
         )

@@ -119,6 +119,10 @@ def publish(
     redis_url: Annotated[
         str, typer.Option(envvar="FIRST_PRODUCER_REDIS_URL", help="Redis URL (stream reader).")
     ] = "redis://127.0.0.1:6379/0",
+    reply_queue: Annotated[
+        str | None,
+        typer.Option(help="Collect results from this reply queue of yours, not from Redis."),
+    ] = None,
     in_flight: Annotated[int, typer.Option(help="Unfinished requests at once.")] = 256,
     timeout_s: Annotated[float, typer.Option(help="Bound per request's result.")] = 600.0,
 ) -> None:
@@ -133,7 +137,10 @@ def publish(
         raise typer.Exit(1) from None
 
     async def run() -> list[dict[str, Any]]:
-        async with Producer(rabbit_url, redis_url, credential, window=in_flight) as producer:
+        redis = None if reply_queue else redis_url
+        async with Producer(
+            rabbit_url, redis, credential, window=in_flight, reply_queue=reply_queue
+        ) as producer:
             return await publish_file(lines, producer, in_flight=in_flight, timeout_s=timeout_s)
 
     results = asyncio.run(run())

@@ -7,52 +7,64 @@
 `submit` publishes an `IngressRequest` (persistent, mandatory, publisher-confirmed) to
 `first.ingress` with the credential in a header; at most `window` publishes await their
 confirm at once, which bounds the producer's memory and the broker's unconfirmed backlog.
-Request ids are UUIDv7s made here (74 random bits): results are read from each request's
-Redis stream, which only the holder of the id can find. The RabbitMQ user needs write
-permission on `first.ingress` only; the Redis user read access to `first:stream:*` only.
+Request ids are UUIDv7s made here (74 random bits).
+
+Results come one of two ways:
+- from each request's Redis stream, which only the holder of the id can find (the Redis user
+  needs read access to `first:stream:*` only); or
+- with `reply_queue="name"`, from a queue of the producer's own, `first.reply.<its RabbitMQ
+  user>.name` (declared here, durable): every request's `Reply` arrives there, refusals
+  included, and no Redis is needed at all. Replies come at least once; the first per request
+  id counts. The RabbitMQ user needs write permission on `first.ingress`, and configure and
+  read on its `first.reply.<user>.*` queues (`first rabbit setup --producer NAME` grants it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 from typing import Any, Self, cast
 
 import aio_pika
 import msgspec
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
 from redis.asyncio import Redis
 
 from schemas import names
-from schemas.codec import DecodeError, encode, record_decoder
+from schemas.codec import DecodeError, encode, reply_decoder
 from schemas.messages import Endpoint, IngressRequest
 from schemas.names import Priority
-from schemas.records import AnyRecord, Chunk, ErrorInfo, Failure, Final, Response
+from schemas.records import AnyRecord, Final, Reply
+from services.common.broker import amqp_user
 from services.common.ids import new_request_id
 from services.common.redis import make_redis
+from services.common.replies import decode_entries, fold
 
 
 class ProducerError(Exception):
     """A request could not be published (no confirm, unroutable, broker gone)."""
 
 
-@dataclass
-class Result:
-    """What one request produced: its body (or chunks) or its error, and how it ended."""
+READER_ACL: tuple[str, ...] = (
+    "on",
+    "resetkeys",
+    "~first:stream:*",
+    "resetchannels",
+    "-@all",
+    "+xread",
+    "+select",
+    "+ping",
+)
+"""The Redis ACL rules of a producer's user (after `ACL SETUSER <name> >password`): it may
+read request streams and nothing else — no other key, no channel, no write."""
 
-    request_id: str
-    status: int = 0
-    body: bytes = b""
-    chunks: list[bytes] = field(default_factory=list)
-    error: ErrorInfo | None = None
-    outcome: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def json(self) -> Any:
-        """Return the response body as JSON (None if there is none)."""
-        return msgspec.json.decode(self.body) if self.body else None
+Result = Reply
+"""What one request produced: its body (or chunks) or its error, how it ended, its usage."""
 
 
 class Producer:
@@ -61,20 +73,28 @@ class Producer:
     def __init__(
         self,
         amqp_url: str,
-        redis_url: str,
+        redis_url: str | None,
         credential: str,
         *,
         window: int = 256,
         confirm_timeout_s: float = 30.0,
+        reply_queue: str | None = None,
     ) -> None:
         self._amqp_url = amqp_url
+        self._user = amqp_user(amqp_url)
         self._credential = credential
         self._window = asyncio.Semaphore(window)
+        self._prefetch = window
         self._confirm_timeout_s = confirm_timeout_s
+        self.reply_to = names.reply_queue_prefix(self._user) + reply_queue if reply_queue else ""
+        """The full name of this producer's reply queue ("" without one)."""
+        self._replies: dict[str, asyncio.Future[Reply]] = {}
         # The blocking reads of `result` need a socket timeout above their BLOCK, and each
         # awaited result holds a connection while it blocks: callers keep at most `window`
         # results awaited at once (as `first queue publish` does).
-        self._redis: Redis = make_redis(redis_url, socket_timeout=10.0, max_connections=window + 8)
+        self._redis: Redis | None = None
+        if redis_url is not None:
+            self._redis = make_redis(redis_url, socket_timeout=10.0, max_connections=window + 8)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -86,12 +106,37 @@ class Producer:
         )
         # Passive: the producer's user may write to the exchange, not declare it.
         self._exchange = await self._channel.get_exchange(names.INGRESS_EXCHANGE, ensure=False)
+        if self.reply_to:
+            await self._channel.set_qos(prefetch_count=self._prefetch)
+            queue = await self._channel.declare_queue(
+                self.reply_to, durable=True, arguments={"x-queue-type": "quorum"}, timeout=10
+            )
+            await queue.consume(self._on_reply, timeout=10)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._connection is not None:
             await self._connection.close()
-        await self._redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    def _waiter(self, request_id: str) -> asyncio.Future[Reply]:
+        future = self._replies.get(request_id)
+        if future is None:
+            future = self._replies[request_id] = asyncio.get_running_loop().create_future()
+        return future
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        """Hand a reply to whoever awaits it (or keep it until they do); drop duplicates."""
+        try:
+            reply = reply_decoder.decode(message.body)
+        except DecodeError:
+            await message.reject()  # not a reply: the queue has no dead-letter exchange
+            return
+        future = self._waiter(reply.request_id)
+        if not future.done():
+            future.set_result(reply)
+        await message.ack()
 
     async def submit(
         self,
@@ -110,6 +155,7 @@ class Producer:
             body=body if isinstance(body, bytes) else msgspec.json.encode(body),
             priority=priority,
             created_at=time.time(),
+            reply_to=self.reply_to,
         )
         message = aio_pika.Message(
             encode(request),
@@ -118,7 +164,10 @@ class Producer:
             message_id=request.request_id,
             type="IngressRequest",
             headers={names.CREDENTIAL_HEADER: self._credential},
+            user_id=self._user,  # RabbitMQ checks it; the router trusts it for reply_to
         )
+        if self.reply_to:
+            self._waiter(request.request_id)  # a reply may come before `result` is called
         async with self._window:
             try:
                 await self._exchange.publish(
@@ -132,37 +181,33 @@ class Producer:
         return request.request_id
 
     async def result(self, request_id: str, timeout_s: float = 600.0) -> Result:
-        """Read the request's stream until its Final; raise TimeoutError after `timeout_s`."""
-        result = Result(request_id=request_id)
+        """Wait for the request's result; raise TimeoutError after `timeout_s`.
+
+        With a reply queue it is the request's Reply; otherwise its stream, read to the Final.
+        """
+        if self.reply_to:
+            try:
+                return await asyncio.wait_for(asyncio.shield(self._waiter(request_id)), timeout_s)
+            except TimeoutError:
+                raise TimeoutError(f"no reply for {request_id} within {timeout_s:g} s") from None
+            finally:
+                future = self._replies.get(request_id)
+                if future is not None and future.done():
+                    del self._replies[request_id]
+        if self._redis is None:
+            raise ProducerError("no Redis URL and no reply queue: nowhere to read results from")
         key, last = names.stream_key(request_id), "0-0"
+        records: list[AnyRecord] = []
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             block_ms = max(1, int(min(left, 5.0) * 1000))
             reply = await self._redis.xread({key: last}, count=256, block=block_ms)
             for _key, entries in cast(list[Any], reply or []):
-                for entry_id, fields in entries:
-                    last = entry_id
-                    if _apply(result, fields):
-                        return result
+                last = entries[-1][0]
+                records.extend(decode_entries(entries))
+            folded = (
+                fold(request_id, records) if records and isinstance(records[-1], Final) else None
+            )
+            if folded is not None:
+                return folded
         raise TimeoutError(f"request {request_id} did not finish within {timeout_s:g} s")
-
-
-def _apply(result: Result, fields: dict[bytes, bytes]) -> bool:
-    """Fold one stream record into `result`; True at the Final."""
-    try:
-        record: AnyRecord = record_decoder.decode(fields[names.RECORD_FIELD])
-    except (KeyError, DecodeError):
-        return False
-    if isinstance(record, Response):
-        result.status, result.body = record.status, record.body
-    elif isinstance(record, Chunk):
-        result.status = 200
-        result.chunks.append(record.data)
-    elif isinstance(record, Failure):
-        result.status, result.error = record.error.status, record.error
-    elif isinstance(record, Final):
-        result.outcome = record.outcome
-        result.prompt_tokens = record.usage.prompt_tokens
-        result.completion_tokens = record.usage.completion_tokens
-        return True
-    return False

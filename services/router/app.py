@@ -62,7 +62,9 @@ def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
 
     beats = heartbeat_queue(deps.settings.instance_id)
 
-    @broker.subscriber(beats, topology.HEARTBEATS, ack_policy=AckPolicy.ACK_FIRST, decoder=raw_body)
+    @broker.subscriber(
+        beats, topology.HEARTBEATS_EXISTING, ack_policy=AckPolicy.ACK_FIRST, decoder=raw_body
+    )
     async def on_heartbeat() -> None:
         await handle_heartbeat(current_message(broker), deps)
 
@@ -98,7 +100,9 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await apikeys.create_schema(engine)  # ingress credentials are checked against it
         await broker.connect()
-        await declare_topology_bounded(broker, settings.publish_timeout_s)
+        await topology.prepare(
+            broker, declare=settings.declare_topology, timeout_s=settings.publish_timeout_s
+        )
         try:
             logger.info("registry: %d live sites loaded from Redis", await registry.load())
         except RedisError as exc:
@@ -136,8 +140,3 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
         }
 
     return app
-
-
-async def declare_topology_bounded(broker: RabbitBroker, limit_s: float) -> None:
-    """Declare the core topology, bounded by `limit_s`."""
-    await asyncio.wait_for(topology.declare_topology(broker), limit_s)

@@ -18,7 +18,8 @@ from schemas import names
 from schemas.codec import DecodeError, run_inference_decoder
 from schemas.messages import RunInference
 from schemas.records import Final
-from services.common import streams
+from services.common import replies, streams
+from services.common.broker import PUBLISH_ERRORS
 from services.common.logging import request_id_var, site_id_var, user_id_var
 from services.router import errors, metrics
 from services.router.handlers import Deps
@@ -26,6 +27,8 @@ from services.router.handlers import Deps
 logger = logging.getLogger(__name__)
 
 ALREADY_FINISHED = "already finished"
+ENDED = "ended with an error"
+REPLY_ERRORS: tuple[type[BaseException], ...] = (RedisError, *PUBLISH_ERRORS)
 
 
 def _text(value: object) -> str:
@@ -69,6 +72,8 @@ async def handle_dead(msg: RabbitMessage, deps: Deps) -> None:
         stream = await _end_stream(deps, request, reason)
         if stream != ALREADY_FINISHED:
             metrics.FAILED.labels("dead_lettered").inc()
+        if stream == ENDED and request.reply_to:
+            stream += await _reply(deps, request)
     logger.warning(
         "dead letter: type=%s id=%s reason=%s queue=%s deaths=%d bytes=%d stream=%s",
         msg.raw_message.type,
@@ -102,4 +107,18 @@ async def _end_stream(deps: Deps, request: RunInference, reason: str) -> str:
         )
     except RedisError as exc:
         return f"not ended ({exc})"
-    return "ended with an error"
+    return ENDED
+
+
+async def _reply(deps: Deps, request: RunInference) -> str:
+    """Send the ended stream to the request's reply queue; say how that went."""
+    try:
+        reply = await replies.read_reply(deps.redis, request.request_id)
+        if reply is None:
+            return "; no reply: the stream has no Final"
+        sent = await replies.send_reply(
+            deps.broker, request.reply_to, reply, deps.settings.publish_timeout_s
+        )
+    except REPLY_ERRORS as exc:  # the ack goes ahead all the same: a dead letter never loops
+        return f"; reply not sent ({exc!r})"
+    return "; replied" if sent else "; reply queue gone"

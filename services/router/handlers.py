@@ -17,7 +17,7 @@ from schemas import names
 from schemas.codec import DecodeError, heartbeat_decoder, ingress_decoder, run_inference_decoder
 from schemas.messages import RunInference
 from schemas.records import ErrorInfo
-from services.common import streams, topology
+from services.common import replies, streams, topology
 from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
 from services.common.logging import request_id_var, site_id_var, user_id_var
 from services.gateway.errors import ApiError, Unavailable
@@ -74,6 +74,10 @@ async def handle_ingress(msg: RabbitMessage, deps: Deps) -> None:
         metrics.FAILED.labels("undecodable").inc()
         return
     request_id_var.set(ingress_request.request_id)
+    bad_reply_to = ingress.reply_to_error(ingress_request.reply_to, msg.raw_message.user_id)
+    if bad_reply_to is not None:
+        await refuse(msg, deps, ingress_request.request_id, bad_reply_to)
+        return
     try:
         request = await deps.admission.admit(ingress_request, ingress.credential_of(msg))
     except (Unavailable, RedisError) as exc:  # cannot decide now (Globus, Redis): later
@@ -82,14 +86,19 @@ async def handle_ingress(msg: RabbitMessage, deps: Deps) -> None:
         await msg.nack(requeue=True)
         return
     except ApiError as exc:
-        await refuse(msg, deps, ingress_request.request_id, exc.info())
+        await refuse(msg, deps, ingress_request.request_id, exc.info(), ingress_request.reply_to)
         return
     user_id_var.set(request.user_id)
     await route(msg, deps, request)
 
 
-async def refuse(msg: RabbitMessage, deps: Deps, request_id: str, error: ErrorInfo) -> None:
-    """Never serve `msg`: end its (new) stream with `error`, dead-letter a copy, ack it."""
+async def refuse(
+    msg: RabbitMessage, deps: Deps, request_id: str, error: ErrorInfo, reply_to: str = ""
+) -> None:
+    """Never serve `msg`: end its (new) stream with `error`, dead-letter a copy, ack it.
+
+    `reply_to` (already checked to be the publisher's own queue) also gets the refusal.
+    """
     try:
         ended = await ingress.end_if_new(deps.redis, request_id, error, deps.settings.stream_ttl_s)
         await deps.broker.publish(
@@ -104,6 +113,9 @@ async def refuse(msg: RabbitMessage, deps: Deps, request_id: str, error: ErrorIn
             message_id=msg.message_id,
             message_type=msg.raw_message.type,
         )
+        if reply_to:
+            reply = replies.refusal(request_id, error)
+            await replies.send_reply(deps.broker, reply_to, reply, deps.settings.publish_timeout_s)
     except REFUSE_ERRORS as exc:
         logger.warning("cannot refuse now, requeueing: %r", exc)
         await asyncio.sleep(deps.settings.retry_delay_s)

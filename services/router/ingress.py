@@ -79,6 +79,7 @@ class Admission:
             priority=ingress.priority,
             created_at=ingress.created_at or now,
             expires_at=now + self.first_record_timeout_s,
+            reply_to=ingress.reply_to,
         )
 
 
@@ -88,6 +89,23 @@ def credential_of(msg: RabbitMessage) -> str | None:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return value if isinstance(value, str) and value else None
+
+
+def reply_to_error(reply_to: str, publisher: str | None) -> ErrorInfo | None:
+    """Refuse a reply queue that is not the publisher's own (RabbitMQ vouches for `publisher`)."""
+    if not reply_to:
+        return None
+    if publisher and reply_to.startswith(names.reply_queue_prefix(publisher)):
+        return None
+    return ErrorInfo(
+        status=403,
+        message=f"reply_to must name a queue of your own: "
+        f"{names.reply_queue_prefix(publisher or '<your RabbitMQ user>')}<name>, and messages "
+        "must carry your RabbitMQ user in their user_id property.",
+        type="invalid_request_error",
+        code="invalid_reply_to",
+        param="reply_to",
+    )
 
 
 def publisher_error(user_id: str | None) -> ErrorInfo:

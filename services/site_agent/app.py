@@ -57,13 +57,17 @@ def create_app(settings: Settings) -> FastAPI:
     forwarder = Forwarder(streams.StreamWriter(redis), settings)
     executor = Executor(settings, redis, backends, forwarder, cancels)
     heartbeat = Heartbeat(settings, broker, backends)
-    _subscribe(broker, Deps(settings=settings, broker=broker, executor=executor))
+    _subscribe(broker, Deps(settings=settings, broker=broker, executor=executor, redis=redis))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await broker.connect()
-        declare = topology.declare_topology(broker, site_id=settings.site_id)
-        await asyncio.wait_for(declare, settings.publish_timeout_s)
+        await topology.prepare(
+            broker,
+            declare=settings.declare_topology,
+            timeout_s=settings.publish_timeout_s,
+            site_id=settings.site_id,
+        )
         # The HTTP sessions to vLLM are opened here, in the running loop (aiohttp's rule), and
         # closed after the broker has stopped: requests in flight until then use them.
         async with forwarder, heartbeat:

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.message import RabbitMessage
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas import names
 from schemas.codec import run_inference_decoder
-from services.common import topology
+from services.common import replies, topology
 from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
 from services.common.logging import request_id_var, site_id_var, user_id_var
 from services.site_agent import metrics
@@ -32,10 +33,11 @@ class Deps:
     settings: Settings
     broker: RabbitBroker
     executor: Executor
+    redis: Redis
 
 
 async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
-    """Run one RunInference to its Final, publish its usage, then ack.
+    """Run one RunInference to its Final, publish its usage (and its reply, if asked), then ack.
 
     Redis or broker trouble requeues (after a pause; the queue's delivery limit bounds it);
     an unexpected error dead-letters the request, whose stream the dead-letter consumer ends.
@@ -58,6 +60,8 @@ async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
                     timeout=deps.settings.publish_timeout_s,
                     message_id=request.request_id,
                 )
+                if request.reply_to:
+                    await _reply(deps, request.request_id, request.reply_to)
     except RETRYABLE as exc:
         logger.warning("cannot record the outcome, requeueing: %r", exc)
         await asyncio.sleep(deps.settings.retry_delay_s)
@@ -76,3 +80,12 @@ async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
             usage.prompt_tokens,
             usage.completion_tokens,
         )
+
+
+async def _reply(deps: Deps, request_id: str, reply_to: str) -> None:
+    """Send the finished stream to the producer's reply queue (before the ack: at least once)."""
+    reply = await replies.read_reply(deps.redis, request_id)
+    if reply is None:  # the stream expired or was trimmed: nothing left to fold
+        logger.warning("no finished stream to reply with")
+        return
+    await replies.send_reply(deps.broker, reply_to, reply, deps.settings.publish_timeout_s)

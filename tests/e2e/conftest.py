@@ -23,6 +23,7 @@ from services.devstack.stack import (
     start_services,
 )
 from services.gateway.apikeys import issue_key
+from tests.common.rabbit_users import least_privilege_users
 
 
 def free_port() -> int:
@@ -85,9 +86,12 @@ def stack(
         extra_env={"FIRST_SITE_AGENT_HEARTBEAT_INTERVAL_S": "0.5", "FIRST_LOG_LEVEL": "INFO"},
     )
     group = ProcessGroup(run_dir / "logs")
-    try:
-        start_services(group, config)
-        key = asyncio.run(issue_key(database_url, "researcher"))
-        yield Stack(config, group, key, database_url, vllm_backends)
-    finally:
-        group.stop_all()
+    # Each service runs as its own least-privilege RabbitMQ user, made by `first rabbit setup`.
+    with least_privilege_users(rabbit_url, [config.site_id], run_dir) as users:
+        config.service_env = users.service_env
+        try:
+            start_services(group, config)
+            key = asyncio.run(issue_key(database_url, "researcher"))
+            yield Stack(config, group, key, database_url, vllm_backends)
+        finally:
+            group.stop_all()

@@ -1,4 +1,4 @@
-"""Private RabbitMQ and Redis servers for tests that stop and restart them.
+"""Private RabbitMQ and Redis servers for tests that stop and restart them (or need TLS).
 
 Each has its own port, node name and data directory, so a fault test never touches the
 shared servers that a developer or CI runs (and the other tests use).
@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 
@@ -37,6 +38,30 @@ def wait_port(port: int, timeout_s: float, up: bool = True) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"port {port} not {'up' if up else 'down'} after {timeout_s}s")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_test_certs(folder: Path) -> None:
+    """Write a throwaway CA (ca.crt) and a server.crt/.key it signed for 127.0.0.1 and localhost."""
+    if shutil.which("openssl") is None:
+        raise RuntimeError("openssl is needed to make the test certificates (apt install openssl)")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=first-test-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-keyout", "ca.key", "-out", "ca.crt", cwd=folder)  # fmt: skip
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-keyout", "server.key", "-out", "server.csr", cwd=folder)  # fmt: skip
+    (folder / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid\n"
+    )
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "1", "-extfile", "server.ext", "-out", "server.crt",
+             cwd=folder)  # fmt: skip
 
 
 class PrivateRedis:
@@ -72,9 +97,13 @@ class PrivateRedis:
 
 
 class PrivateRabbit:
-    """A RabbitMQ node of its own (name, ports, mnesia folder), no plugins."""
+    """A RabbitMQ node of its own (name, ports, mnesia folder), no plugins.
 
-    def __init__(self) -> None:
+    With `tls=True` its only AMQP listener speaks TLS, with a certificate signed by a
+    throwaway CA (`ca_file`); it verifies client certificates if sent but needs none.
+    """
+
+    def __init__(self, *, tls: bool = False) -> None:
         name = secrets.token_hex(3)
         # Debian's rabbitmq-server drops to the `rabbitmq` user: its folder must be that user's,
         # outside test temp folders (which are private to root).
@@ -83,9 +112,22 @@ class PrivateRabbit:
         self.node = f"fault{name}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
-        (self.dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
-        )
+        self.tls = tls
+        config = ["loopback_users = none"]
+        if tls:
+            make_test_certs(self.dir)
+            config += [
+                "listeners.tcp = none",
+                f"listeners.ssl.default = 127.0.0.1:{self.port}",
+                f"ssl_options.cacertfile = {self.ca_file}",
+                f"ssl_options.certfile = {self.dir / 'server.crt'}",
+                f"ssl_options.keyfile = {self.dir / 'server.key'}",
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = false",
+            ]
+        else:
+            config.append(f"listeners.tcp.default = 127.0.0.1:{self.port}")
+        (self.dir / "rabbitmq.conf").write_text("\n".join(config) + "\n")
         (self.dir / "enabled_plugins").write_text("[].\n")
         if os.geteuid() == 0:
             shutil.chown(self.dir, "rabbitmq", "rabbitmq")
@@ -93,7 +135,16 @@ class PrivateRabbit:
                 shutil.chown(child, "rabbitmq", "rabbitmq")
 
     @property
+    def ca_file(self) -> Path:
+        """The CA that signed the node's certificate (with `tls=True`)."""
+        return self.dir / "ca.crt"
+
+    @property
     def url(self) -> str:
+        """amqp://, or with `tls=True` amqps:// naming the CA to verify the node with."""
+        if self.tls:
+            cafile = urllib.parse.quote(str(self.ca_file))
+            return f"amqps://guest:guest@127.0.0.1:{self.port}/?cafile={cafile}"
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
     def _env(self) -> dict[str, str]:
@@ -102,7 +153,7 @@ class PrivateRabbit:
             {
                 "RABBITMQ_NODENAME": self.node,
                 "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-                "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_NODE_PORT": str(self.port),  # no plain listener if the config says none
                 "RABBITMQ_DIST_PORT": str(self.dist_port),
                 "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
                 "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),

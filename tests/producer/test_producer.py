@@ -25,17 +25,19 @@ import httpx
 import pytest
 from aio_pika.exceptions import ChannelClosed
 from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 
 from schemas import names
 from schemas.codec import encode
-from schemas.messages import RunInference
+from schemas.messages import IngressRequest, RunInference
 from schemas.records import Failure
 from services.common.db import make_engine
 from services.common.ids import new_request_id
+from services.common.rabbit_access import grant_for
 from services.gateway import apikeys
 from services.gateway.settings import CatalogueModel, Limits
 from services.gateway.settings import Settings as GatewaySettings
-from services.producer.client import Producer
+from services.producer.client import READER_ACL, Producer
 from services.router.app import create_app as create_router
 from services.router.settings import Settings as RouterSettings
 from tests.conftest import RABBIT_API, _rabbit_auth
@@ -56,7 +58,8 @@ PASSWORD = secrets.token_urlsafe(12)
 @dataclass
 class Deployment:
     rabbit_url: str  # the services' (guest) URL
-    producer_url: str  # the producer user's URL: write to first.ingress only
+    producer_url: str  # the producer user's URL: write to first.ingress, its reply queues
+    producer_user: str
     redis_url: str
     key: str  # an API key of user "pipeline"
     site_id: str
@@ -75,13 +78,15 @@ def _with_user(url: str, user: str) -> str:
 
 @pytest.fixture(scope="module")
 def producer_user(new_rabbit_url: Callable[[], str]) -> Iterator[tuple[str, str, str]]:
-    """A vhost, and a RabbitMQ user that may write to first.ingress there and nothing else."""
+    """A vhost, and a producer user with `first rabbit setup`'s grant: write first.ingress,
+    configure and read its own reply queues, nothing else."""
     url = new_rabbit_url()
     vhost = urllib.parse.quote(_vhost_of(url), safe="")
     user = unique("producer")
     with httpx.Client(base_url=RABBIT_API, auth=_rabbit_auth(), timeout=10) as api:
         api.put(f"/users/{user}", json={"password": PASSWORD, "tags": ""}).raise_for_status()
-        perms = {"configure": "^$", "write": r"^first\.ingress$", "read": "^$"}
+        grant = grant_for("producer", user)
+        perms = {"configure": grant.configure, "write": grant.write, "read": grant.read}
         api.put(f"/permissions/{vhost}/{user}", json=perms).raise_for_status()
         try:
             yield url, _with_user(url, user), user
@@ -124,7 +129,7 @@ async def deployment(
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Deployment]:
     """Router (admitting with the gateway's settings) and a site agent, both in-process."""
-    rabbit_url, producer_url, _user = producer_user
+    rabbit_url, producer_url, user = producer_user
     redis_url = module_redis_url
     async with Redis.from_url(redis_url) as redis:
         await redis.flushdb()  # one database per module (a session has 15), empty per test
@@ -150,7 +155,9 @@ async def deployment(
         while registry.get(agent.site_id) is None:
             assert time.monotonic() < deadline, "the site never became live"
             await asyncio.sleep(0.05)
-        yield Deployment(rabbit_url, producer_url, redis_url, key, agent.site_id, backend.model)
+        yield Deployment(
+            rabbit_url, producer_url, user, redis_url, key, agent.site_id, backend.model
+        )
 
 
 def chat(model: str, text: str = "hi") -> dict[str, Any]:
@@ -222,6 +229,110 @@ async def test_a_bad_model_or_body_is_refused_naming_the_field(deployment: Deplo
     assert results[0].error.code == "model_not_found"
     assert results[1].error is not None
     assert (results[1].status, results[1].error.param) == (400, "messages")
+
+
+@pytest.fixture
+async def stream_reader(deployment: Deployment) -> AsyncIterator[str]:
+    """A Redis user with the producer ACL (`READER_ACL`), on the deployment's database."""
+    user, password = unique("reader"), secrets.token_urlsafe(12)
+    async with Redis.from_url(deployment.redis_url) as admin:
+        await admin.execute_command("ACL", "SETUSER", user, f">{password}", *READER_ACL)
+        parts = urllib.parse.urlsplit(deployment.redis_url)
+        netloc = f"{user}:{password}@{parts.hostname}:{parts.port}"
+        try:
+            yield urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        finally:
+            await admin.execute_command("ACL", "DELUSER", user)
+
+
+async def test_a_redis_user_that_may_only_read_streams_gets_results_and_nothing_else(
+    deployment: Deployment, stream_reader: str
+) -> None:
+    d = deployment
+    async with Producer(d.producer_url, stream_reader, d.key) as producer:
+        result = await producer.result(
+            await producer.submit("chat.completions", chat(d.model)), timeout_s=20
+        )
+    assert (result.status, result.outcome) == (200, "completed")
+    async with Redis.from_url(stream_reader) as reader:
+        for command in (
+            ("GET", "first:apikey:x"),
+            ("KEYS", "*"),
+            ("XADD", "first:stream:x", "*", "a", "b"),
+        ):
+            with pytest.raises(NoPermissionError):
+                await reader.execute_command(*command)
+
+
+async def test_with_a_reply_queue_every_result_comes_back_there_and_no_redis_is_needed(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    async with Producer(
+        d.producer_url, None, d.key, window=8, reply_queue=unique("results")
+    ) as producer:
+        assert producer.reply_to.startswith(names.reply_queue_prefix(d.producer_user))
+        ids = [await producer.submit("chat.completions", chat(d.model)) for _ in range(10)]
+        streamed = await producer.submit("chat.completions", chat(d.model) | {"stream": True})
+        results = await asyncio.gather(*(producer.result(i, timeout_s=20) for i in ids))
+        chunks = await producer.result(streamed, timeout_s=20)
+    assert [r.request_id for r in results] == ids
+    for result in results:
+        assert (result.status, result.outcome, result.error) == (200, "completed", None)
+        assert result.json()["choices"][0]["message"]["content"]
+        assert result.usage.completion_tokens > 0
+    assert (chunks.status, chunks.outcome, chunks.body) == (200, "completed", b"")
+    assert len(chunks.chunks) >= 2
+    assert json.loads(chunks.chunks[0])["object"] == "chat.completion.chunk"
+
+
+async def test_a_refused_request_is_answered_on_the_reply_queue_too(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    queue = unique("results")
+    async with Producer(d.producer_url, None, "first-wrong", reply_queue=queue) as producer:
+        result = await producer.result(
+            await producer.submit("chat.completions", chat(d.model)), timeout_s=10
+        )
+    assert result.error is not None
+    assert (result.status, result.outcome, result.error.code) == (401, "failed", "invalid_api_key")
+
+
+async def test_a_reply_queue_that_is_not_the_producers_own_is_refused_and_not_served(
+    deployment: Deployment,
+) -> None:
+    """A producer must not have results sent to (and so read by) another producer's queue."""
+    d = deployment
+    request = IngressRequest(
+        request_id=new_request_id(),
+        endpoint="chat.completions",
+        body=json.dumps(chat(d.model)).encode(),
+        reply_to=names.reply_queue_prefix("someone-else") + "results",
+    )
+    async with amqp(d.rabbit_url) as channel:
+        dead = await tap(channel, names.DEAD_EXCHANGE)
+        site = await tap(channel, names.SITES_EXCHANGE)
+        connection = await aio_pika.connect_robust(d.producer_url, timeout=10)
+        try:
+            writer = await connection.channel(publisher_confirms=True)
+            exchange = await writer.get_exchange(names.INGRESS_EXCHANGE, ensure=False)
+            message = aio_pika.Message(
+                encode(request),
+                user_id=d.producer_user,
+                headers={names.CREDENTIAL_HEADER: d.key},
+            )
+            await exchange.publish(message, routing_key=names.INGRESS_ROUTING_KEY, timeout=5)
+        finally:
+            await connection.close()
+        copy = await dead.get_raw()
+        assert copy.headers[names.REASON_HEADER] == "invalid_reply_to"
+        async with Redis.from_url(d.redis_url) as redis:
+            records = await stream_records(redis, request.request_id)
+        assert isinstance(records[0], Failure)
+        assert (records[0].error.code, records[0].error.param) == ("invalid_reply_to", "reply_to")
+        await asyncio.sleep(0.5)
+        assert await site.empty()
 
 
 async def test_the_producer_user_cannot_write_to_the_gateways_exchange(
@@ -298,8 +409,9 @@ def test_the_cli_refuses_a_bad_file_naming_the_line_and_publishes_nothing(
     assert "nothing was published" in done.stderr
 
 
+@pytest.mark.parametrize("via", ["redis", "reply-queue"])
 async def test_the_cli_publishes_a_file_and_writes_openai_batch_output_lines(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, tmp_path: Path, via: str
 ) -> None:
     d = deployment
     lines = [
@@ -311,7 +423,8 @@ async def test_the_cli_publishes_a_file_and_writes_openai_batch_output_lines(
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
     argv = [sys.executable, "-c", "from services.cli import app; app()", "queue", "publish"]
     argv += [str(source), "--out", str(out), "--rabbit-url", d.producer_url]
-    argv += ["--redis-url", d.redis_url, "--timeout-s", "20"]
+    argv += ["--timeout-s", "20"]
+    argv += ["--redis-url", d.redis_url] if via == "redis" else ["--reply-queue", unique("cli")]
     proc = await asyncio.create_subprocess_exec(
         *argv,
         env={"FIRST_API_KEY": d.key, "PATH": "/usr/bin:/bin"},

@@ -16,7 +16,7 @@ from faststream.rabbit import RabbitBroker
 from redis.asyncio import Redis
 
 from schemas import names
-from schemas.codec import encode, heartbeat_decoder, run_inference_decoder
+from schemas.codec import encode, heartbeat_decoder, reply_decoder, run_inference_decoder
 from schemas.messages import ModelStatus, RunInference, SiteHeartbeat
 from schemas.records import Failure, Final, Response, Usage
 from services.common import topology
@@ -218,6 +218,25 @@ async def test_dead_lettered_request_gets_an_error_unless_it_already_finished(
         )
     )
     assert await stream_records(redis_client, done.request_id) == [finished]
+
+
+async def test_a_dead_lettered_request_with_a_reply_queue_is_answered_there(
+    router: Registry, broker: RabbitBroker, channel: Any
+) -> None:
+    reply_to = names.reply_queue_prefix("guest") + unique("replies")
+    queue = await channel.declare_queue(reply_to, auto_delete=True)
+    request = msgspec.structs.replace(make_request(unique("model")), reply_to=reply_to)
+    await publish(broker, request, exchange=topology.DEAD, routing_key="", timeout=5)
+    message = None
+    deadline = time.monotonic() + 5
+    while message is None and time.monotonic() < deadline:
+        message = await queue.get(fail=False, timeout=5)
+        await asyncio.sleep(0.05)
+    assert message is not None, "no reply within 5 s"
+    reply = reply_decoder.decode(message.body)
+    assert reply.request_id == request.request_id
+    assert reply.error is not None
+    assert (reply.status, reply.outcome, reply.error.code) == (502, "failed", "dead_lettered")
 
 
 async def test_registry_mirror_drops_expired_sites(router: Registry, redis_client: Redis) -> None:

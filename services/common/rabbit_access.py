@@ -1,0 +1,212 @@
+"""Least-privilege RabbitMQ users: one per component, each allowed only what it does.
+
+RabbitMQ checks three regular expressions per user and vhost (its access-control guide):
+*configure* (declare or delete a queue or exchange), *write* (publish to an exchange; bind a
+queue, which also needs *read* on the exchange) and *read* (consume from a queue; bind from an
+exchange). Passive declares need nothing, and publishing to the default exchange is a write
+to the resource `amq.default`. So an operator declares the whole topology once with an
+administrator (`first rabbit setup`, below), and every service then runs with
+`FIRST_DECLARE_TOPOLOGY=false` and a user that can touch only its own queues and exchanges:
+
+- gateway: write first.requests.
+- router: configure its own heartbeat queues; write first.sites, first.control, first.dead,
+  amq.default (replies) and its heartbeat queues (to bind them); read first.router.requests,
+  first.router.ingress, first.dead, first.heartbeats (to bind from it), its heartbeat queues.
+- accounting: read first.accounting.usage.
+- site agent of S: write first.usage, first.heartbeats, amq.default (replies); read
+  first.site.S.interactive, first.site.S.batch, first.site.S.control.
+- producer P: configure, read first.reply.P.*; write first.ingress.
+
+A producer's reply queues carry its RabbitMQ user name (`names.reply_queue_prefix`): the
+router accepts a `reply_to` only under the publisher's own prefix (RabbitMQ vouches for the
+publisher through the `user_id` property), so nobody can have results sent to, or read from,
+another producer's queue. Site queues are declared by the setup (a site agent cannot declare
+queues); adding a site is one more `--site` on a rerun of the setup.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import urllib.parse
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+
+from schemas import names
+
+Role = Literal["gateway", "router", "accounting", "site", "producer"]
+
+DEFAULT_EXCHANGE: str = "amq.default"
+"""The name RabbitMQ's permission checks give the default exchange (`""`)."""
+
+_HEARTBEAT_QUEUE_PREFIX = names.heartbeat_queue("")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One user's permissions on one vhost (anchored regular expressions)."""
+
+    user: str
+    role: Role
+    configure: str
+    write: str
+    read: str
+    site_id: str | None = None
+
+
+def _exact(name: str) -> str:
+    return re.escape(name)
+
+
+def _prefixed(prefix: str) -> str:
+    return re.escape(prefix) + ".+"
+
+
+def _any(*fragments: str) -> str:
+    """Return a regex matching exactly one of `fragments` (already regexes); none: nothing."""
+    return "^(" + "|".join(fragments) + ")$" if fragments else "^$"
+
+
+def grant_for(role: Role, user: str, site_id: str | None = None) -> Grant:
+    """Return the least permissions `role` needs (pure: the table in this module's docstring)."""
+    if role == "gateway":
+        return Grant(user, role, "^$", _any(_exact(names.REQUESTS_EXCHANGE)), "^$")
+    if role == "router":
+        beats = _prefixed(_HEARTBEAT_QUEUE_PREFIX)
+        write = (names.SITES_EXCHANGE, names.CONTROL_EXCHANGE, names.DEAD_EXCHANGE)
+        read = (names.ROUTER_REQUESTS_QUEUE, names.ROUTER_INGRESS_QUEUE, names.DEAD_QUEUE)
+        return Grant(
+            user,
+            role,
+            _any(beats),
+            _any(*map(_exact, (*write, DEFAULT_EXCHANGE)), beats),
+            _any(*map(_exact, (*read, names.HEARTBEATS_EXCHANGE)), beats),
+        )
+    if role == "accounting":
+        return Grant(user, role, "^$", "^$", _any(_exact(names.ACCOUNTING_USAGE_QUEUE)))
+    if role == "site":
+        if not site_id:
+            raise ValueError("a site agent's grant needs its site id")
+        queues = [names.site_queue(site_id, p) for p in names.PRIORITIES]
+        queues.append(names.site_control_queue(site_id))
+        write = (names.USAGE_EXCHANGE, names.HEARTBEATS_EXCHANGE, DEFAULT_EXCHANGE)
+        readable = _any(*map(_exact, queues))
+        return Grant(user, role, "^$", _any(*map(_exact, write)), readable, site_id)
+    replies = _prefixed(names.reply_queue_prefix(user))
+    return Grant(user, role, _any(replies), _any(_exact(names.INGRESS_EXCHANGE)), _any(replies))
+
+
+def plan(prefix: str, sites: list[str], producers: list[str]) -> list[Grant]:
+    """Return one deployment's grants: gateway, router, accounting, each site and producer."""
+    grants = [grant_for(role, f"{prefix}{role}") for role in ("gateway", "router", "accounting")]
+    grants += [grant_for("site", f"{prefix}site-{site}", site) for site in sites]
+    grants += [grant_for("producer", f"{prefix}producer-{name}") for name in producers]
+    return grants
+
+
+def user_url(admin_url: str, user: str, password: str) -> str:
+    """Return `admin_url` (host, port, vhost, query) with another user's credentials."""
+    parts = urllib.parse.urlsplit(admin_url)
+    host = parts.hostname or "127.0.0.1"
+    port = f":{parts.port}" if parts.port else ""
+    quoted = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{quoted}@{host}{port}"))
+
+
+def vhost_of(amqp_url: str) -> str:
+    """Return the vhost an AMQP URL names (AMQP's default is `/`)."""
+    path = urllib.parse.urlsplit(amqp_url).path
+    return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
+
+
+class SetupError(RuntimeError):
+    """The management API refused a step (its status and body are in the message)."""
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user the setup made or updated; `password` is None when it was left unchanged."""
+
+    grant: Grant
+    password: str | None
+
+
+class ManagementApi:
+    """The few RabbitMQ management HTTP API calls the setup needs (bounded, typed errors)."""
+
+    def __init__(self, client: httpx.Client, vhost: str) -> None:
+        self._http = client
+        self._vhost = urllib.parse.quote(vhost, safe="")
+
+    def _check(self, response: httpx.Response, what: str) -> None:
+        if response.status_code >= 300:
+            raise SetupError(f"{what}: HTTP {response.status_code} {response.text[:200]}")
+
+    def ensure_vhost(self) -> None:
+        self._check(self._http.put(f"/vhosts/{self._vhost}"), "create vhost")
+
+    def user_exists(self, user: str) -> bool:
+        response = self._http.get(f"/users/{urllib.parse.quote(user, safe='')}")
+        if response.status_code == 404:
+            return False
+        self._check(response, f"read user {user}")
+        return True
+
+    def put_user(self, user: str, password: str) -> None:
+        body = {"password": password, "tags": ""}
+        self._check(self._http.put(f"/users/{urllib.parse.quote(user, safe='')}", json=body), user)
+
+    def put_permissions(self, grant: Grant) -> None:
+        body = {"configure": grant.configure, "write": grant.write, "read": grant.read}
+        path = f"/permissions/{self._vhost}/{urllib.parse.quote(grant.user, safe='')}"
+        self._check(self._http.put(path, json=body), f"permissions of {grant.user}")
+
+
+def apply(api: ManagementApi, grants: list[Grant], *, rotate: bool = False) -> list[Account]:
+    """Create the vhost and every user (a new password only if new or `rotate`); set permissions.
+
+    Rerunning it is safe: existing users keep their passwords and get the current permissions.
+    """
+    api.ensure_vhost()
+    accounts = []
+    for grant in grants:
+        password = None
+        if rotate or not api.user_exists(grant.user):
+            password = secrets.token_urlsafe(24)
+            api.put_user(grant.user, password)
+        api.put_permissions(grant)
+        accounts.append(Account(grant, password))
+    return accounts
+
+
+def env_for(admin_url: str, account: Account, gateways: list[str]) -> dict[str, str]:
+    """Return the environment a component runs with (empty if its password was not issued)."""
+    grant = account.grant
+    if account.password is None:
+        return {}
+    env = {"FIRST_RABBIT_URL": user_url(admin_url, grant.user, account.password)}
+    if grant.role != "producer":
+        env["FIRST_DECLARE_TOPOLOGY"] = "false"
+    if grant.role == "router":
+        env["FIRST_ROUTER_REQUEST_PUBLISHERS"] = json.dumps(gateways)
+    if grant.role == "site" and grant.site_id:
+        env["FIRST_SITE_AGENT_SITE_ID"] = grant.site_id
+    return env
+
+
+def env_lines(admin_url: str, accounts: list[Account]) -> list[str]:
+    """Return, per account, its environment as lines (passwords appear once: when issued)."""
+    lines = []
+    gateways = [a.grant.user for a in accounts if a.grant.role == "gateway"]
+    for account in accounts:
+        grant = account.grant
+        label = f"{grant.role} {grant.site_id}" if grant.site_id else grant.role
+        lines.append(f"# {label}: user {grant.user}")
+        env = env_for(admin_url, account, gateways)
+        if not env:
+            lines.append("#   password unchanged (rerun with --rotate to issue a new one)")
+        lines.extend(f"{name}={value}" for name, value in env.items())
+    return lines
