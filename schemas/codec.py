@@ -8,6 +8,7 @@ import msgspec
 
 from schemas.messages import (
     AnyMessage,
+    ControlMessage,
     IngressRequest,
     RunInference,
     SiteHeartbeat,
@@ -27,6 +28,7 @@ usage_decoder: Final = msgspec.msgpack.Decoder(UsageRecorded)
 heartbeat_decoder: Final = msgspec.msgpack.Decoder(SiteHeartbeat)
 record_decoder: Final = msgspec.msgpack.Decoder(AnyRecord)
 reply_decoder: Final = msgspec.msgpack.Decoder(Reply)
+control_decoder: Final = msgspec.msgpack.Decoder(ControlMessage)
 
 
 def encode(obj: msgspec.Struct) -> bytes:

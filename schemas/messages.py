@@ -46,6 +46,10 @@ class RunInference(Message, tag=True, frozen=True, kw_only=True):
     reply_to: str = ""
     """A direct producer's reply queue (checked by the router to be the producer's own):
     the site agent also sends the request's `Reply` there. Empty: the stream only."""
+    moved_from: str = ""
+    """The site whose heartbeats stopped while this request waited or ran there: the router
+    moved it. The new site waits out that site's claim (nobody renews it), then runs the
+    request, or ends it with an error if tokens had already reached the client."""
 
 
 class IngressRequest(Message, tag=True, frozen=True, kw_only=True):
@@ -98,6 +102,14 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     capacity: int
     kv_cache_usage: float = 0.0
     tokens_per_s: float = 0.0
+    slots_per_instance: int = 0
+    """Requests one instance takes at once: what starting one would add (cold models too)."""
+    max_instances: int = 0
+    """How many instances the site may run (0: only the ones it was given by URL)."""
+    restarts: int = 0
+    """Instances that died or never became healthy since the agent started."""
+    last_error: str = ""
+    """Why the last one did (empty if none did)."""
 
 
 class SiteHeartbeat(Message, tag=True, frozen=True, kw_only=True):
@@ -110,4 +122,24 @@ class SiteHeartbeat(Message, tag=True, frozen=True, kw_only=True):
     models: tuple[ModelStatus, ...] = ()
 
 
-AnyMessage = RunInference | IngressRequest | UsageRecorded | SiteHeartbeat
+class StartModel(Message, tag=True, frozen=True, kw_only=True):
+    """A router asks a site to bring a model up (requests for it are on their way)."""
+
+    site_id: str
+    model: str
+    requested_at: float
+    keep_s: float = 300.0
+    """Keep at least one instance (starting or hot) this long even without requests."""
+
+
+class StopModel(Message, tag=True, frozen=True, kw_only=True):
+    """An operator or router asks a site to drain and stop a model's instances."""
+
+    site_id: str
+    model: str
+    requested_at: float
+
+
+ControlMessage = StartModel | StopModel
+
+AnyMessage = RunInference | IngressRequest | UsageRecorded | SiteHeartbeat | StartModel | StopModel

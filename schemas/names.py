@@ -47,9 +47,12 @@ REASON_HEADER: Final = "x-first-reason"
 """Why the router refused a message (an OpenAI error code), on the copy it dead-letters."""
 
 
+SITE_QUEUE_PREFIX: Final = "first.site."
+
+
 def site_queue(site_id: str, priority: Priority) -> str:
     """Return the queue a site agent consumes for one priority."""
-    return f"first.site.{site_id}.{priority}"
+    return f"{SITE_QUEUE_PREFIX}{site_id}.{priority}"
 
 
 def site_routing_key(site_id: str, priority: Priority) -> str:

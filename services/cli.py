@@ -118,10 +118,12 @@ def _register_subapps() -> None:
     from services.common.rabbit_cli import rabbit_app
     from services.gateway.keys_cli import keys_app
     from services.producer.cli import queue_app
+    from services.site_agent.supervise_cli import sites_app
 
     app.add_typer(usage_app, name="usage", help="Usage reports from the ledger.")
     app.add_typer(keys_app, name="keys", help="Create, list and revoke API keys.")
     app.add_typer(queue_app, name="queue", help="Publish requests straight to the queue.")
+    app.add_typer(sites_app, name="sites", help="Run site agents on Globus Compute endpoints.")
     app.add_typer(rabbit_app, name="rabbit", help="RabbitMQ topology and least-privilege users.")
 
 

@@ -200,12 +200,26 @@ first_ensure_rabbitmq() {
         if [[ -n "$oldpid" ]] && ! ps -p "$oldpid" >/dev/null 2>&1; then
             first__root rm -f "$pidfile"
         fi
+        first__rabbit_nofile
         first__root env "${renv[@]}" rabbitmq-server -detached
         # `rabbitmqctl await_startup` right after -detached fails at once: wait on the pid file.
         first__root env "${renv[@]}" rabbitmqctl -q wait "$pidfile" --timeout 120 >/dev/null
     fi
     first_wait_port 127.0.0.1 5672 60 \
         || first_die "rabbitmq: AMQP port 127.0.0.1:5672 not open (see /var/log/rabbitmq/)"
+}
+
+# The node runs as user rabbitmq through `su`, which starts it with a soft open-files limit
+# of 1024: that runs out at a few hundred quorum queues (a test suite's worth of vhosts), and
+# then even creating a vhost hangs. rabbitmq-env.conf is sourced by the node's start script:
+# raise the soft limit to the hard one there.
+first__rabbit_nofile() {
+    local envconf=/etc/rabbitmq/rabbitmq-env.conf
+    # shellcheck disable=SC2016 # expanded when the node's script sources the file
+    local line='ulimit -S -n "$(ulimit -H -n)" 2>/dev/null || true  # added by FIRST (setup.sh)'
+    if ! grep -qsF "$line" "$envconf"; then
+        printf '%s\n' "$line" | first__root tee -a "$envconf" >/dev/null
+    fi
 }
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -264,6 +278,129 @@ END \$\$;"
     fi
     PGCONNECT_TIMEOUT=5 psql "$FIRST__PG_URL" -qAtc 'select 1' >/dev/null \
         || first_die "postgres: cannot log in as first:first over 127.0.0.1:5432 (check pg_hba.conf)"
+}
+
+# --------------------------------------------------------------------------- Slurm
+
+# A one-node Slurm 22.05 cluster for the slurm launcher's tests, without systemd or cgroups
+# (the recipe of /work/shared/services.md). Its slurmctld and slurmd listen on 6817/6818 on all
+# interfaces (Slurm has no bind address); munge authenticates every request.
+
+# true when a process of that exact name runs and is not a zombie (daemons here can linger
+# as <defunct>: PID 1 reaps slowly).
+first__running() {
+    # shellcheck disable=SC2009 # pgrep would count the zombies too
+    ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'
+}
+
+# The state of node localhost as sinfo reports it ("" when the controller does not answer).
+first__slurm_node_state() {
+    timeout 5 sinfo -h -n localhost -o %T 2>/dev/null | head -n 1 || true
+}
+
+first__slurm_usable() {
+    case "$1" in
+        idle | mixed | allocated | completing) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# The slurm.conf of the test cluster: state, spool, pid and log files under $1.
+first__slurm_conf() {
+    local dir=$1 cpus mem_mb
+    cpus=$(nproc)
+    # A RealMemory above what the node has would drain it ("Low RealMemory").
+    mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
+    cat <<EOF
+# Written by FIRST scripts/lib/setup.sh: a one-node test cluster without systemd or cgroups.
+ClusterName=first
+SlurmctldHost=localhost
+SlurmUser=root
+AuthType=auth/munge
+MailProg=/bin/true
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/slurmctld.log
+SlurmdLogFile=$dir/slurmd.log
+NodeName=localhost CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+first__ensure_munge() {
+    if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+        return 0
+    fi
+    first_log "munge: starting munged"
+    first__root mkdir -p /run/munge
+    first__root chown munge:munge /run/munge
+    first__root runuser -u munge -- munged
+    local i
+    for ((i = 0; i < 50; i++)); do
+        if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    first_die "munge: munged does not answer within 5 s (see /var/log/munge/munged.log)"
+}
+
+first_ensure_slurm() {
+    local state
+    if first__have_bin sinfo; then
+        state=$(first__slurm_node_state)
+        if first__slurm_usable "$state"; then
+            first_log "slurm: already running (node localhost $state)"
+            return 0
+        fi
+    fi
+    FIRST__APT_QUIET=1 first_apt_install slurmctld slurmd munge slurm-client
+    local dir="$FIRST_STATE_DIR/slurm" conf=/etc/slurm/slurm.conf text
+    mkdir -p "$dir/state" "$dir/spool"
+    text=$(first__slurm_conf "$dir")
+    if [[ "$(cat "$conf" 2>/dev/null || true)" != "$text" ]]; then
+        # A slurm.conf we did not write belongs to a real cluster: never replace that one.
+        if [[ -s "$conf" ]] && ! head -n 1 "$conf" | grep -q '^# Written by FIRST'; then
+            first_die "slurm: $conf is not FIRST's test cluster; not touching it"
+        fi
+        first__root mkdir -p /etc/slurm
+        printf '%s\n' "$text" | first__root tee "$conf" >/dev/null
+    fi
+    first__ensure_munge
+    # `setsid -f`: the daemons run detached (-D keeps them from forking twice), outliving this
+    # script and a Ctrl-C of the tests that follow it, and leave no waiting shell behind.
+    local daemon
+    for daemon in slurmctld slurmd; do
+        if ! first__running "$daemon"; then
+            first_log "slurm: starting $daemon (state and logs in $dir)"
+            first__root setsid -f "$(PATH="$PATH:/usr/sbin:/sbin" command -v "$daemon")" -D \
+                >>"$dir/$daemon.out" 2>&1 </dev/null
+        fi
+    done
+    local i resumed=""
+    for ((i = 0; i < 150; i++)); do
+        state=$(first__slurm_node_state)
+        if first__slurm_usable "$state"; then
+            first_log "slurm: node localhost $state"
+            return 0
+        fi
+        # A node left drained or down by an earlier run stays so until told otherwise.
+        if [[ -z "$resumed" && "$state" =~ ^(drain|drained|draining|down)$ ]]; then
+            timeout 5 scontrol update NodeName=localhost State=RESUME >/dev/null 2>&1 || true
+            resumed=1
+        fi
+        sleep 0.2
+    done
+    first_die "slurm: node localhost is '${state:-unknown}' after 30 s (see $dir/*.log)"
 }
 
 # --------------------------------------------------------------------------- Python (services)

@@ -11,7 +11,8 @@ administrator (`first rabbit setup`, below), and every service then runs with
 - gateway: write first.requests.
 - router: configure its own heartbeat queues; write first.sites, first.control, first.dead,
   amq.default (replies) and its heartbeat queues (to bind them); read first.router.requests,
-  first.router.ingress, first.dead, first.heartbeats (to bind from it), its heartbeat queues.
+  first.router.ingress, first.dead, first.heartbeats (to bind from it), its heartbeat queues,
+  and every site's interactive and batch queues (to move work off a site that died).
 - accounting: read first.accounting.usage.
 - site agent of S: write first.usage, first.heartbeats, amq.default (replies); read
   first.site.S.interactive, first.site.S.batch, first.site.S.control.
@@ -78,12 +79,16 @@ def grant_for(role: Role, user: str, site_id: str | None = None) -> Grant:
         beats = _prefixed(_HEARTBEAT_QUEUE_PREFIX)
         write = (names.SITES_EXCHANGE, names.CONTROL_EXCHANGE, names.DEAD_EXCHANGE)
         read = (names.ROUTER_REQUESTS_QUEUE, names.ROUTER_INGRESS_QUEUE, names.DEAD_QUEUE)
+        # Work queues of every site: the mover empties those of a site whose heartbeats stopped.
+        site_work = (
+            re.escape(names.SITE_QUEUE_PREFIX) + r"[^.]+\.(" + "|".join(names.PRIORITIES) + ")"
+        )
         return Grant(
             user,
             role,
             _any(beats),
             _any(*map(_exact, (*write, DEFAULT_EXCHANGE)), beats),
-            _any(*map(_exact, (*read, names.HEARTBEATS_EXCHANGE)), beats),
+            _any(*map(_exact, (*read, names.HEARTBEATS_EXCHANGE)), beats, site_work),
         )
     if role == "accounting":
         return Grant(user, role, "^$", "^$", _any(_exact(names.ACCOUNTING_USAGE_QUEUE)))

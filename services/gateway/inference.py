@@ -178,6 +178,7 @@ async def _first_record(gw: Gateway, job: RunInference, sub: Subscription) -> An
             "The request was not started within "
             f"{gw.settings.first_record_timeout_s:g} s and has been cancelled.",
             code="timeout",
+            headers={"x-request-id": job.request_id},  # it was published (and is billed)
         ) from None
 
 

@@ -28,6 +28,24 @@ def serving_sites(
     ]
 
 
+_STATE_ORDER = ("hot", "starting", "draining", "cold")
+
+
+def site_states(sites: list[SiteHeartbeat], model: str) -> dict[str, str]:
+    """Return each site's state of `model` (cold, starting, hot or draining)."""
+    return {
+        site.site_id: status.state
+        for site in sites
+        for status in site.models
+        if status.model == model
+    }
+
+
+def overall_state(states: dict[str, str]) -> str:
+    """Return the most useful state among sites: hot if any site has it hot, and so on."""
+    return min(states.values(), key=_STATE_ORDER.index, default="cold")
+
+
 class RegistryView:
     """Reads `first:registry` at most every `cache_s` seconds."""
 

@@ -14,7 +14,7 @@ from services.gateway.auth import Authenticator
 from services.gateway.inference import Gateway, handle, model_not_found
 from services.gateway.policy import may_use
 from services.gateway.principal import Principal
-from services.gateway.registry import serving_sites
+from services.gateway.registry import overall_state, serving_sites, site_states
 from services.gateway.validation import ChatRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter()
@@ -75,6 +75,7 @@ async def _served_models(gw: Gateway, principal: Principal) -> list[dict[str, An
             continue  # as if it did not exist
         serving = serving_sites(sites, entry.name, now, gw.settings.site_ttl_s, entry.sites)
         if serving:
+            states = site_states(serving, entry.name)
             out.append(
                 {
                     "id": entry.name,
@@ -83,6 +84,10 @@ async def _served_models(gw: Gateway, principal: Principal) -> list[dict[str, An
                     "owned_by": entry.owned_by,
                     "max_model_len": entry.context_length,
                     "sites": sorted(s.site_id for s in serving),
+                    # FIRST's own fields: a cold model is listed (a site may start it; the
+                    # first request waits for it), with where it is hot, starting or cold.
+                    "state": overall_state(states),
+                    "site_states": dict(sorted(states.items())),
                 }
             )
     return out

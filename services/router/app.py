@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -15,7 +16,7 @@ from redis.exceptions import RedisError
 
 from schemas import names
 from services.common import topology
-from services.common.broker import current_message, make_broker, raw_body
+from services.common.broker import PUBLISH_ERRORS, current_message, make_broker, raw_body
 from services.common.db import make_engine
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
@@ -28,6 +29,8 @@ from services.router import metrics
 from services.router.deadletter import handle_dead
 from services.router.handlers import Deps, handle_heartbeat, handle_ingress, handle_request
 from services.router.ingress import Admission
+from services.router.mover import Mover
+from services.router.policy import PolicyState
 from services.router.registry import Registry
 from services.router.settings import Settings
 
@@ -92,9 +95,15 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
         max_tokens_cap=access.max_tokens_cap,
     )
     deps = Deps(
-        settings=settings, broker=broker, redis=redis, registry=registry, admission=admission
+        settings=settings,
+        broker=broker,
+        redis=redis,
+        registry=registry,
+        admission=admission,
+        policy=PolicyState(rng=random.Random(settings.policy_seed)),  # noqa: S311 - not secret
     )
     _subscribe(broker, deps)
+    mover = Mover(deps)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -108,15 +117,20 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
         except RedisError as exc:
             logger.warning("registry: cannot load the Redis mirror: %s", exc)
         await broker.start()
-        sweeper = asyncio.create_task(registry.run_sweeper(settings.sweep_interval_s))
+        sweeper = asyncio.create_task(
+            registry.run_sweeper(settings.sweep_interval_s, mover.sites_gone)
+        )
+        moving = asyncio.create_task(run_mover(mover, settings.sweep_interval_s))
         metrics.SITES.attach(registry)
         try:
             yield
         finally:
             metrics.SITES.detach(registry)
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, moving):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await mover.close()
             await broker.stop()
             await redis.aclose()
             await engine.dispose()
@@ -140,3 +154,16 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
         }
 
     return app
+
+
+MOVER_ERRORS: tuple[type[BaseException], ...] = (*PUBLISH_ERRORS, RedisError)
+
+
+async def run_mover(mover: Mover, interval_s: float) -> None:
+    """Empty dead sites' queues every `interval_s` until cancelled (failures: next round)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await mover.round()
+        except MOVER_ERRORS as exc:
+            logger.warning("moving work off dead sites failed: %r", exc)

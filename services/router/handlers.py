@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from faststream.rabbit import RabbitBroker
@@ -15,14 +15,14 @@ from redis.exceptions import RedisError
 
 from schemas import names
 from schemas.codec import DecodeError, heartbeat_decoder, ingress_decoder, run_inference_decoder
-from schemas.messages import RunInference
+from schemas.messages import RunInference, StartModel
 from schemas.records import ErrorInfo
 from services.common import replies, streams, topology
 from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
 from services.common.logging import request_id_var, site_id_var, user_id_var
 from services.gateway.errors import ApiError, Unavailable
 from services.router import errors, ingress, metrics
-from services.router.policy import choose_site
+from services.router.policy import PolicyState, StartOn, WaitFor, choose_site, choose_start_site
 from services.router.registry import Registry
 from services.router.settings import Settings
 
@@ -40,16 +40,65 @@ class Deps:
     redis: Redis
     registry: Registry
     admission: ingress.Admission
+    policy: PolicyState = field(default_factory=PolicyState)
+    """This replica's routing memory (affinity, round-robin turns, starts it ordered)."""
 
 
-async def wait_for_site(registry: Registry, request: RunInference, deadline: float) -> str | None:
-    """Return a site for `request`, waiting for heartbeats until `deadline` (epoch s) at most."""
+def pick_site(deps: Deps, request: RunInference, now: float) -> str | None:
+    """Return a site with `request.model` hot, by the configured policy (None if none)."""
+    registry = deps.registry
+    return choose_site(
+        request,
+        registry.sites(),
+        now,
+        registry.ttl_s,
+        registry.sent(),
+        policy=deps.settings.policy,
+        state=deps.policy,
+    )
+
+
+async def wait_for_site(deps: Deps, request: RunInference, deadline: float) -> str | None:
+    """Return a site for `request`, waiting for heartbeats until `deadline` (epoch s) at most.
+
+    A site with the model hot is chosen by the policy. If none has it hot, a site that is
+    starting it, or the best one that may start it (told so with a StartModel), gets the
+    request: it waits there, in that site's queue and agent, until an instance is hot.
+    """
     while True:
         now = time.time()
-        site_id = choose_site(request, registry.sites(), now, registry.ttl_s, registry.sent())
-        if site_id is not None or now >= deadline:
+        site_id = pick_site(deps, request, now)
+        if site_id is not None:
             return site_id
-        await registry.wait_update(deadline - now)
+        decision = choose_start_site(
+            request, deps.registry.sites(), now, deps.registry.ttl_s, state=deps.policy
+        )
+        if isinstance(decision, WaitFor):
+            return decision.site_id
+        if isinstance(decision, StartOn):
+            await start_model(deps, decision.site_id, request.model)
+            return decision.site_id
+        if now >= deadline:
+            return None
+        await deps.registry.wait_update(deadline - now)
+
+
+async def start_model(deps: Deps, site_id: str, model: str) -> None:
+    """Ask `site_id` to start `model` (confirmed; a lost order is repeated by the next request)."""
+    command = StartModel(site_id=site_id, model=model, requested_at=time.time())
+    try:
+        await publish(
+            deps.broker,
+            command,
+            exchange=topology.CONTROL,
+            routing_key=names.site_control_routing_key(site_id),
+            timeout=deps.settings.publish_timeout_s,
+        )
+    except PUBLISH_ERRORS as exc:  # the request still goes there: its wait starts the model
+        logger.warning("StartModel %s on %s not confirmed: %r", model, site_id, exc)
+        return
+    metrics.STARTS.labels(site_id).inc()
+    logger.info("asked site %s to start %s", site_id, model)
 
 
 async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
@@ -128,29 +177,37 @@ async def refuse(
     )
 
 
+async def dispatch(deps: Deps, request: RunInference, site_id: str) -> None:
+    """Publish `request` to `site_id`'s queue of its priority (confirmed) and count it as sent.
+
+    Raises what `publish` raises when the broker did not confirm.
+    """
+    await publish(
+        deps.broker,
+        msgspec.structs.replace(request, site_id=site_id),
+        exchange=topology.SITES,
+        routing_key=names.site_routing_key(site_id, request.priority),
+        timeout=deps.settings.publish_timeout_s,
+        message_id=request.request_id,
+    )
+    deps.registry.record_sent(site_id)
+
+
 async def route(msg: RabbitMessage, deps: Deps, request: RunInference) -> None:
     """Send an admitted request to a site's queue, or end its stream with a 503; settle `msg`."""
     started = time.time()
     deadline = min(request.expires_at, started + deps.settings.no_site_wait_s)
-    site_id = await wait_for_site(deps.registry, request, deadline)
+    site_id = await wait_for_site(deps, request, deadline)
     if site_id is None:
         await _fail_no_site(msg, deps, request, time.time() - started)
         return
     site_id_var.set(site_id)
     try:
-        await publish(
-            deps.broker,
-            msgspec.structs.replace(request, site_id=site_id),
-            exchange=topology.SITES,
-            routing_key=names.site_routing_key(site_id, request.priority),
-            timeout=deps.settings.publish_timeout_s,
-            message_id=request.request_id,
-        )
+        await dispatch(deps, request, site_id)
     except PUBLISH_ERRORS as exc:
         logger.warning("dispatch to %s failed, requeueing: %r", site_id, exc)
         await msg.nack(requeue=True)
         return
-    deps.registry.record_sent(site_id)
     await msg.ack()
     queued_s = max(0.0, time.time() - request.created_at)
     metrics.ROUTED.labels(site_id, request.priority).inc()

@@ -40,6 +40,15 @@ DEAD_LETTERS = Counter(
     "Messages taken from the dead-letter queue, by the queue they died in and RabbitMQ's reason",
     ["queue", "reason"],
 )
+STARTS = Counter(
+    "first_router_model_starts_total",
+    "StartModel commands sent to a site (no site had the model hot).",
+    ["site"],
+)
+MOVED = Counter(
+    "first_router_requests_moved_total",
+    "Requests moved from a dead site's queues to a live site.",
+)
 
 
 def _site_families(registry: Registry | None) -> list[Metric]:

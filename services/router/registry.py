@@ -137,11 +137,17 @@ class Registry:
             logger.info("registry: sites expired: %s", ", ".join(sorted(gone)))
         return gone
 
-    async def run_sweeper(self, interval_s: float) -> None:
-        """Sweep every `interval_s` until cancelled; a Redis failure waits for the next round."""
+    async def run_sweeper(
+        self, interval_s: float, on_gone: Callable[[list[str]], object] | None = None
+    ) -> None:
+        """Sweep every `interval_s` until cancelled, telling `on_gone` which sites expired;
+        a Redis failure waits for the next round."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.sweep()
+                gone = await self.sweep()
             except RedisError as exc:
                 logger.warning("registry: sweep failed: %s", exc)
+                continue
+            if gone and on_gone is not None:
+                on_gone(gone)

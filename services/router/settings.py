@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.broker import amqp_user
 from services.common.settings import CommonSettings
+from services.router.policy import Policy
 
 
 class Settings(CommonSettings):
@@ -31,6 +32,11 @@ class Settings(CommonSettings):
     request_publishers: list[str] = Field(default_factory=list)
     """RabbitMQ users (gateways) whose messages on first.requests are served; empty: the
     router's own user (a deployment where every service shares one RabbitMQ user)."""
+    policy: Policy = "first"
+    """How a site is chosen among those with the model hot: "first" (least estimated wait, with
+    cache affinity; services/router/policy.py), or the baselines "round_robin" and "random"."""
+    policy_seed: int | None = None
+    """Seed of the "random" policy's generator, for reproducible benchmarks (None: random)."""
     retry_delay_s: float = 1.0
     """Pause before requeueing a message that cannot be decided now (Redis, Globus down)."""
 

@@ -9,12 +9,17 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas.messages import ModelStatus
+from schemas.messages import ModelState, ModelStatus
+from services.site_agent.lifecycle import InstanceState, InstanceView, PoolView
+from services.site_agent.siteconfig import ModelConfig
+
+if TYPE_CHECKING:  # the launchers package imports this module (backend_session)
+    from services.site_agent.launchers.base import InstanceRecord
 
 logger = logging.getLogger(__name__)
 
@@ -98,23 +103,59 @@ def parse_metrics(text: str, model: str) -> Load:
 
 @dataclass
 class Instance:
-    """One vLLM server. Health is unknown (assumed up) until the first probe."""
+    """One vLLM server. Health is unknown (assumed up) until the first probe.
+
+    A configured URL is hot from the start; an instance our launcher started (`record` set)
+    is "starting" until the instance manager finds it healthy, and "draining" before it stops.
+    """
 
     url: str
     healthy: bool = True
     in_flight: int = 0
     load: Load = field(default_factory=Load)
     tokens_per_s: float = 0.0
+    state: InstanceState = "hot"
+    record: InstanceRecord | None = None
+    alive: bool = True
+    started_at: float = field(default_factory=time.monotonic)
+    idle_since: float | None = field(default_factory=time.monotonic)
     _last_count: tuple[float, float] | None = None
+
+    @property
+    def instance_id(self) -> str:
+        return self.record.instance_id if self.record is not None else self.url
+
+    @property
+    def managed(self) -> bool:
+        return self.record is not None
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
         """Count one request in flight on this instance while the block runs."""
         self.in_flight += 1
+        self.idle_since = None
         try:
             yield
         finally:
             self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle_since = time.monotonic()
+
+    def view(self) -> InstanceView:
+        """Return what the lifecycle decisions need to know of this instance."""
+        busy = self.in_flight > 0 or self.load.running > 0 or self.load.waiting > 0
+        return InstanceView(
+            instance_id=self.instance_id,
+            state=self.state,
+            managed=self.managed,
+            healthy=self.healthy,
+            alive=self.alive,
+            in_flight=self.in_flight,
+            running=self.load.running,
+            waiting=self.load.waiting,
+            started_at=self.started_at,
+            idle_since=None if busy else self.idle_since,
+        )
 
     def mark_down(self) -> None:
         """Take the instance out of rotation until a probe finds it healthy again."""
@@ -129,38 +170,113 @@ class Instance:
 
 
 class Pool:
-    """The instances serving one model."""
+    """The instances serving one model, and the demand on it.
 
-    def __init__(self, model: str, urls: Sequence[str]) -> None:
+    `config` is None for a model given only by URLs in the environment (nothing to start).
+    """
+
+    def __init__(self, model: str, urls: Sequence[str], config: ModelConfig | None = None) -> None:
         self.model = model
+        self.config = config
         self.instances = [Instance(url.rstrip("/")) for url in urls]
+        self.held = 0
+        self.wanted_until = 0.0
+        self.failures = 0
+        self.last_failure_at = 0.0
+        self.restarts = 0
+        self.last_error = ""
+        self._changed = asyncio.Event()
+        self.demand = asyncio.Event()
+        """Set when a request starts waiting: wakes the instance manager at once."""
+
+    def _serving(self) -> list[Instance]:
+        return [i for i in self.instances if i.state == "hot"]
 
     def candidates(self) -> list[Instance]:
-        """Return instances to try in order: healthy least-loaded first, then the rest."""
+        """Return hot instances to try in order: healthy least-loaded first, then the rest."""
         order = sorted(
-            enumerate(self.instances),
+            enumerate(self._serving()),
             key=lambda p: (not p[1].healthy, p[1].in_flight, p[1].load.running, p[0]),
         )
         return [instance for _, instance in order]
 
+    def ready(self) -> bool:
+        """Tell whether a hot, healthy instance can take a request now."""
+        return any(i.healthy for i in self._serving())
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Wait (counted as held demand) until `ready()`, at most `timeout_s`; say if it is."""
+        deadline = time.monotonic() + timeout_s
+        self.held += 1
+        self.demand.set()
+        try:
+            while not self.ready():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+            return True
+        finally:
+            self.held -= 1
+
+    def changed(self) -> None:
+        """Wake requests waiting for this pool (an instance became hot, or left)."""
+        self._changed.set()
+
+    def find(self, instance_id: str) -> Instance | None:
+        return next((i for i in self.instances if i.instance_id == instance_id), None)
+
+    def view(self) -> PoolView:
+        return PoolView(
+            model=self.model,
+            instances=tuple(i.view() for i in self.instances),
+            held=self.held,
+            wanted_until=self.wanted_until,
+            failures=self.failures,
+            last_failure_at=self.last_failure_at,
+        )
+
     def status(self, per_instance: int) -> ModelStatus:
-        """Summarise the pool for a heartbeat: hot while at least one instance is healthy."""
-        up = [i for i in self.instances if i.healthy]
+        """Summarise the pool for a heartbeat.
+
+        hot: a healthy hot instance serves; starting: one is on its way (or demand waits for
+        one); draining: only draining ones are left; cold: none. Capacity counts healthy hot
+        instances; `slots_per_instance` tells a router what starting one would add.
+        """
+        slots = self.config.max_concurrency if self.config is not None else per_instance
+        up = [i for i in self._serving() if i.healthy]
+        if up:
+            state: ModelState = "hot"
+        elif any(i.state == "starting" for i in self.instances) or self.held > 0:
+            state = "starting"
+        elif any(i.state == "draining" for i in self.instances):
+            state = "draining"
+        else:
+            state = "cold"
         return ModelStatus(
             model=self.model,
-            state="hot" if up else "cold",
+            state=state,
             instances=len(up),
             running=sum(i.load.running for i in up),
-            waiting=sum(i.load.waiting for i in up),
-            capacity=len(up) * per_instance,
+            waiting=sum(i.load.waiting for i in up) + self.held,
+            capacity=len(up) * slots,
             kv_cache_usage=max((i.load.kv_cache_usage for i in up), default=0.0),
             tokens_per_s=round(sum(i.tokens_per_s for i in up), 3),
+            slots_per_instance=slots,
+            max_instances=self.config.max_instances if self.config is not None else 0,
+            restarts=self.restarts,
+            last_error=self.last_error,
         )
 
     async def probe(self, http: aiohttp.ClientSession, limit_s: float) -> None:
         """Refresh every instance's health and load; each GET is bounded by `limit_s`."""
         timeout = aiohttp.ClientTimeout(total=limit_s)
-        await asyncio.gather(*(self._probe_one(http, i, timeout) for i in self.instances))
+        # A starting instance is probed by the instance manager (health and /v1/models), not
+        # here; one without a URL yet has not reported where it listens.
+        probed = [i for i in self.instances if i.url and i.state != "starting"]
+        await asyncio.gather(*(self._probe_one(http, i, timeout) for i in probed))
 
     async def _probe_one(
         self, http: aiohttp.ClientSession, instance: Instance, timeout: aiohttp.ClientTimeout
@@ -190,10 +306,19 @@ class Pool:
 
 
 class Backends:
-    """Every model's pool on this site."""
+    """Every model's pool on this site: URLs from the environment and the site file's models."""
 
-    def __init__(self, config: Mapping[str, Sequence[str]]) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Sequence[str]],
+        models: Mapping[str, ModelConfig] | None = None,
+    ) -> None:
         self.pools = {model: Pool(model, urls) for model, urls in config.items()}
+        for model, model_config in (models or {}).items():
+            urls = [*self.pools.pop(model).instances] if model in self.pools else []
+            pool = Pool(model, model_config.urls, model_config)
+            pool.instances.extend(urls)
+            self.pools[model] = pool
 
     def get(self, model: str) -> Pool | None:
         """Return the pool of `model`, None if this site does not serve it."""

@@ -79,6 +79,18 @@ def backend_unavailable(model: str) -> ErrorInfo:
     )
 
 
+def model_starting(model: str, waited_s: float, last_error: str) -> ErrorInfo:
+    """Return the error of a request whose cold model did not come up in time."""
+    why = f" ({last_error})" if last_error else ""
+    return ErrorInfo(
+        status=503,
+        type="server_error",
+        code="model_starting",
+        message=f"Model '{model}' is starting and was not ready within {waited_s:.0f} s{why}; "
+        "try again shortly.",
+    )
+
+
 def backend_error(detail: str) -> ErrorInfo:
     """Return the error of an instance that broke off or garbled its answer."""
     return ErrorInfo(

@@ -1,7 +1,8 @@
 """Bring one delivered request to its Final record, exactly once across sites and redeliveries.
 
 stream has a Final          -> nothing to run; re-publish its usage (the ledger dedupes)
-claim held by another site  -> not ours; skip (that site's own delivery finishes it)
+claim held by another site  -> not ours; skip (that site's own delivery finishes it), unless
+                               the router moved the request from that (dead) site: then as below
 claim held by another agent -> a duplicate delivery, or an agent of this site that died: wait
   of this site                 until the stream has its Final or the claim expires (the holder
                                renews it every third of its TTL while it runs), then look again
@@ -115,7 +116,8 @@ class Executor:
                 return usage_event(request, look.last)
             if look.holder == claimant:
                 break
-            if look.holder.split("/", 1)[0] != self._settings.site_id:
+            holder_site = look.holder.split("/", 1)[0]
+            if holder_site not in (self._settings.site_id, request.moved_from):
                 logger.info("claimed by site %s; skipping", look.holder)
                 return None
             if time.monotonic() > deadline:
@@ -165,7 +167,7 @@ class Executor:
     async def _run(self, request: RunInference, pool: Pool, cancelled: asyncio.Event) -> Result:
         """Forward, stopping within moments of a cancel; renew the claim while it runs."""
         progress = Progress()
-        work = asyncio.create_task(self._forwarder.forward(request, pool, progress))
+        work = asyncio.create_task(self._serve(request, pool, progress))
         stop = asyncio.create_task(cancelled.wait())
         renew_every = max(1.0, self._settings.claim_ttl_s / 3)
         try:
@@ -186,6 +188,18 @@ class Executor:
             for task in (work, stop):
                 task.cancel()
             await asyncio.wait({work, stop})
+
+    async def _serve(self, request: RunInference, pool: Pool, progress: Progress) -> Result:
+        """Wait for a hot instance if the model is cold or starting (bounded), then forward."""
+        if pool.config is not None and not pool.ready():
+            limit = max(
+                0.0, min(request.expires_at - time.time(), self._settings.cold_start_timeout_s)
+            )
+            logger.info("model %s is not hot; waiting up to %.0f s for it", request.model, limit)
+            if not await pool.wait_ready(limit):
+                error = errors.model_starting(request.model, limit, pool.last_error)
+                return await self._forwarder.fail(request, progress, error)
+        return await self._forwarder.forward(request, pool, progress)
 
     async def _renew_claim(self, request_id: str) -> None:
         try:

@@ -248,7 +248,7 @@ class Forwarder(SessionOwner):
         progress.records_written += len(records)
         metrics.written(records)
 
-    async def _fail(self, request: RunInference, progress: Progress, error: ErrorInfo) -> Result:
+    async def fail(self, request: RunInference, progress: Progress, error: ErrorInfo) -> Result:
         logger.info("request failed: %s %s", error.status, error.code)
         await self._write(request, progress, Failure(error=error))
         return Result("failed", progress.usage_so_far())
@@ -258,7 +258,7 @@ class Forwarder(SessionOwner):
         try:
             body = backend_body(request)
         except errors.InvalidBody as exc:
-            return await self._fail(request, progress, errors.invalid_body(str(exc)))
+            return await self.fail(request, progress, errors.invalid_body(str(exc)))
         streaming = is_streaming(request)
         for instance in pool.candidates():
             url = instance.url + PATHS[request.endpoint]
@@ -277,10 +277,10 @@ class Forwarder(SessionOwner):
                     if streaming
                     else settings.backend_response_timeout_s
                 )
-                return await self._fail(request, progress, errors.backend_timeout(limit))
+                return await self.fail(request, progress, errors.backend_timeout(limit))
             except aiohttp.ClientError as exc:
-                return await self._fail(request, progress, errors.backend_error(repr(exc)))
-        return await self._fail(request, progress, errors.backend_unavailable(request.model))
+                return await self.fail(request, progress, errors.backend_error(repr(exc)))
+        return await self.fail(request, progress, errors.backend_unavailable(request.model))
 
     async def _respond(
         self, request: RunInference, url: str, body: bytes, progress: Progress
@@ -289,7 +289,7 @@ class Forwarder(SessionOwner):
             status = response.status
             raw = await response.read()
         if status >= 400:
-            return await self._fail(request, progress, errors.from_backend(status, raw))
+            return await self.fail(request, progress, errors.from_backend(status, raw))
         try:
             usage = _payload_decoder.decode(raw).usage
         except msgspec.DecodeError:
@@ -306,9 +306,7 @@ class Forwarder(SessionOwner):
         async with self._post(url, body, self._stream_timeout) as response:
             if response.status >= 400:
                 raw = await response.read()
-                return await self._fail(
-                    request, progress, errors.from_backend(response.status, raw)
-                )
+                return await self.fail(request, progress, errors.from_backend(response.status, raw))
             splitter = SSESplitter()
             async for data in response.content.iter_any():
                 result = await self._relay(request, splitter.feed(data), progress)
@@ -317,7 +315,7 @@ class Forwarder(SessionOwner):
             result = await self._relay(request, splitter.close(), progress)
             if result is not None:
                 return result
-        return await self._fail(
+        return await self.fail(
             request, progress, errors.backend_error("stream ended without [DONE]")
         )
 

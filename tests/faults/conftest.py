@@ -89,17 +89,7 @@ class FaultStack:
         self, request_ids: list[str], within_s: float = 30.0
     ) -> dict[str, LedgerEntry]:
         """Wait until the ledger has a row for each id; return them."""
-        engine = make_engine(self.database_url)
-        try:
-            deadline = time.monotonic() + within_s
-            while True:
-                rows = {r: await get_usage(engine, r) for r in request_ids}
-                found = {r: row for r, row in rows.items() if row is not None}
-                if len(found) == len(request_ids) or time.monotonic() > deadline:
-                    return found
-                await asyncio.sleep(0.2)
-        finally:
-            await engine.dispose()
+        return await wait_ledger(self.database_url, request_ids, within_s)
 
     async def ledger_count(self) -> int:
         engine = make_engine(self.database_url)
@@ -109,6 +99,23 @@ class FaultStack:
                 return int(result.scalar_one())
         finally:
             await engine.dispose()
+
+
+async def wait_ledger(
+    database_url: str, request_ids: list[str], within_s: float = 30.0
+) -> dict[str, LedgerEntry]:
+    """Wait until the ledger has a row for each id (bounded); return the rows found."""
+    engine = make_engine(database_url)
+    try:
+        deadline = time.monotonic() + within_s
+        while True:
+            rows = {r: await get_usage(engine, r) for r in request_ids}
+            found = {r: row for r, row in rows.items() if row is not None}
+            if len(found) == len(request_ids) or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.2)
+    finally:
+        await engine.dispose()
 
 
 def _start_sim(group: ProcessGroup, port: int, options: dict[str, Any]) -> Proc:

@@ -136,6 +136,7 @@ async def test_a_spent_token_budget_refuses_until_the_window_ends(
     await charge(first.redis, [usage("bob", 60)], time.time())
     reply = await second.client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
     assert reply.status_code == 504  # under budget: admitted
+    assert len(reply.headers["x-request-id"]) == 32  # published: the client can name it
     await charge(first.redis, [usage("bob", 40)], time.time())
     for replica in (first, second):
         reply = await replica.client.post("/v1/chat/completions", json=chat(), headers=bearer(key))

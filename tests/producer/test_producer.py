@@ -160,6 +160,17 @@ async def deployment(
         )
 
 
+async def publish_as(url: str, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+    """Publish one raw message (confirmed) as the user of `url`, as a hand-made client would."""
+    connection = await aio_pika.connect_robust(url, timeout=10)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        target = await channel.get_exchange(exchange, ensure=False)
+        await target.publish(message, routing_key=routing_key, timeout=5)
+    finally:
+        await connection.close()
+
+
 def chat(model: str, text: str = "hi") -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 5}
 
@@ -313,18 +324,10 @@ async def test_a_reply_queue_that_is_not_the_producers_own_is_refused_and_not_se
     async with amqp(d.rabbit_url) as channel:
         dead = await tap(channel, names.DEAD_EXCHANGE)
         site = await tap(channel, names.SITES_EXCHANGE)
-        connection = await aio_pika.connect_robust(d.producer_url, timeout=10)
-        try:
-            writer = await connection.channel(publisher_confirms=True)
-            exchange = await writer.get_exchange(names.INGRESS_EXCHANGE, ensure=False)
-            message = aio_pika.Message(
-                encode(request),
-                user_id=d.producer_user,
-                headers={names.CREDENTIAL_HEADER: d.key},
-            )
-            await exchange.publish(message, routing_key=names.INGRESS_ROUTING_KEY, timeout=5)
-        finally:
-            await connection.close()
+        message = aio_pika.Message(
+            encode(request), user_id=d.producer_user, headers={names.CREDENTIAL_HEADER: d.key}
+        )
+        await publish_as(d.producer_url, names.INGRESS_EXCHANGE, names.INGRESS_ROUTING_KEY, message)
         copy = await dead.get_raw()
         assert copy.headers[names.REASON_HEADER] == "invalid_reply_to"
         async with Redis.from_url(d.redis_url) as redis:
@@ -369,14 +372,9 @@ async def test_a_forged_request_on_the_gateways_exchange_is_refused_and_billed_t
     async with amqp(d.rabbit_url) as channel:
         usage = await tap(channel, names.USAGE_EXCHANGE)
         dead = await tap(channel, names.DEAD_EXCHANGE)
-        connection = await aio_pika.connect_robust(_with_user(d.rabbit_url, forger))
-        try:
-            writer = await connection.channel(publisher_confirms=True)
-            exchange = await writer.get_exchange(names.REQUESTS_EXCHANGE, ensure=False)
-            message = aio_pika.Message(encode(forged), user_id=forger, message_id="forged")
-            await exchange.publish(message, routing_key=names.REQUEST_ROUTING_KEY, timeout=5)
-        finally:
-            await connection.close()
+        message = aio_pika.Message(encode(forged), user_id=forger, message_id="forged")
+        forger_url = _with_user(d.rabbit_url, forger)
+        await publish_as(forger_url, names.REQUESTS_EXCHANGE, names.REQUEST_ROUTING_KEY, message)
         copy = await dead.get_raw()
         assert copy.headers[names.REASON_HEADER] == "forged_publisher"
         async with Redis.from_url(d.redis_url) as redis:

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from faststream.rabbit import RabbitBroker
 from redis.asyncio import Redis
@@ -17,7 +18,7 @@ from schemas import names
 from schemas.codec import encode
 from schemas.messages import SiteHeartbeat, UsageRecorded
 from schemas.records import Chunk, Failure, Final, Response, Usage
-from services.common import topology
+from services.common import streams, topology
 from services.site_agent.app import create_app
 from services.site_agent.settings import Settings
 from tests.site_agent.conftest import MODEL
@@ -164,6 +165,42 @@ async def test_request_claimed_by_another_site_is_acked_and_skipped(
     assert await stream_records(redis_client, request.request_id) == []
     assert sum(backend.hits.values()) == hits
     assert await queue_depth(channel, names.site_queue(settings.site_id, "interactive")) == 0
+
+
+async def test_a_request_moved_off_a_dead_site_waits_out_its_claim_then_runs(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis, backend: FakeBackend
+) -> None:
+    dead = unique("dead-site")
+    request = msgspec.structs.replace(make_request(MODEL), moved_from=dead)
+    await redis_client.set(names.claim_key(request.request_id), f"{dead}/agent/x", ex=2)
+    hits = sum(backend.hits.values())
+    await send(broker, agent.site_id, request)
+    records = await read_stream(redis_client, request.request_id, within_s=15)
+    assert isinstance(records[0], Response)
+    assert isinstance(records[-1], Final)
+    assert (records[-1].outcome, records[-1].site_id) == ("completed", agent.site_id)
+    assert sum(backend.hits.values()) == hits + 1
+
+
+async def test_a_moved_request_that_had_streamed_ends_with_an_error_and_bills_what_was_sent(
+    agent: Settings, broker: RabbitBroker, redis_client: Redis, backend: FakeBackend, usage: Tap
+) -> None:
+    dead = unique("dead-site")
+    request = msgspec.structs.replace(make_request(MODEL, stream=True), moved_from=dead)
+    await redis_client.set(names.claim_key(request.request_id), f"{dead}/agent/x", ex=1)
+    sent = Chunk(data=b'{"choices":[]}', usage=Usage(prompt_tokens=3, completion_tokens=2))
+    await streams.append(redis_client, request.request_id, sent, ttl_s=60)
+    hits = sum(backend.hits.values())
+    await send(broker, agent.site_id, request)
+    records = await read_stream(redis_client, request.request_id, within_s=15)
+    assert isinstance(records[1], Failure)
+    assert records[1].error.code == "generation_interrupted"
+    assert isinstance(records[-1], Final)
+    assert records[-1].usage == Usage(prompt_tokens=3, completion_tokens=2)
+    event = await usage.get_for(request.request_id)
+    assert isinstance(event, UsageRecorded)
+    assert event.completion_tokens == 2
+    assert sum(backend.hits.values()) == hits  # not generated again
 
 
 async def test_cancelled_before_start_is_not_generated(
