@@ -128,8 +128,8 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
             metrics.SITES.detach(registry)
             for task in (sweeper, moving):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # Bounded: a task stuck in a network call must not hold the shutdown.
+            await asyncio.wait({sweeper, moving}, timeout=settings.publish_timeout_s)
             await mover.close()
             await broker.stop()
             await redis.aclose()

@@ -15,13 +15,15 @@ Several router replicas may move the same queue at once: each message goes to on
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
 
 import aio_pika
 import msgspec
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from schemas import names
@@ -47,22 +49,27 @@ class Mover:
         self._deps = deps
         self._dead: dict[str, float] = {}
         self._get_timeout_s = get_timeout_s
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: AbstractConnection | None = None
 
     async def _open_channel(self) -> AbstractChannel:
         """A channel of the mover's own connection: RabbitMQ closes a channel that looks for a
-        queue that does not exist, and the broker's shared one carries the router's consumers."""
-        if self._connection is None:
-            timeout = self._deps.settings.publish_timeout_s
-            self._connection = await aio_pika.connect_robust(
+        queue that does not exist, and the broker's shared one carries the router's consumers.
+
+        A plain (not robust) connection, made again when it broke: it is used once per round,
+        and a robust one's reconnect machinery could outlive the router's shutdown."""
+        timeout = self._deps.settings.publish_timeout_s
+        if self._connection is None or self._connection.is_closed:
+            self._connection = await aio_pika.connect(
                 self._deps.settings.rabbit_url, timeout=timeout
             )
-        return await self._connection.channel()
+        return await asyncio.wait_for(self._connection.channel(), timeout)
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+        """Close the connection (bounded)."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(TimeoutError, *PUBLISH_ERRORS):
+                await asyncio.wait_for(connection.close(), self._deps.settings.publish_timeout_s)
 
     def sites_gone(self, site_ids: Iterable[str]) -> None:
         """Note sites whose heartbeats stopped (the registry's sweep found them expired)."""

@@ -35,7 +35,7 @@ async def test_requests_waiting_at_a_site_whose_heartbeats_stopped_move_to_a_liv
     )
     live_queues = {p: await channel.get_queue(names.site_queue(live, p)) for p in names.PRIORITIES}
     async with running_router(
-        rabbit_url, redis_url, site_ttl_s=1.0, sweep_interval_s=0.2
+        rabbit_url, redis_url, site_ttl_s=2.0, sweep_interval_s=0.2
     ) as registry:
         await beat(broker, heartbeat(dead, model))
         stop = asyncio.Event()
@@ -43,7 +43,7 @@ async def test_requests_waiting_at_a_site_whose_heartbeats_stopped_move_to_a_liv
         try:
             for request in [*requests, batch]:
                 await send_to_site(broker, dead, request)  # as if routed before it died
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 15
             moved: dict[str, Any] = {}
             while len(moved) < 4 and time.monotonic() < deadline:
                 for priority, queue in live_queues.items():
@@ -74,7 +74,7 @@ async def test_requests_stay_at_a_dead_site_while_no_live_site_serves_their_mode
     await topology.declare_topology(broker, site_id=dead)
     request = make_request(model)
     async with running_router(
-        rabbit_url, redis_url, site_ttl_s=1.0, sweep_interval_s=0.2
+        rabbit_url, redis_url, site_ttl_s=2.0, sweep_interval_s=0.2
     ) as registry:
         await beat(broker, heartbeat(dead, model))
         await send_to_site(broker, dead, request)
