@@ -19,9 +19,9 @@ from faststream.rabbit import RabbitBroker, RabbitExchange
 from redis.asyncio import Redis
 
 from schemas import names
-from schemas.codec import DecodeError, encode, record_decoder
+from schemas.codec import DecodeError, record_decoder
 from schemas.records import AnyRecord, Chunk, ErrorInfo, Failure, Final, Reply, Response, Usage
-from services.common.broker import CONTENT_TYPE
+from services.common.broker import publish
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +84,13 @@ async def send_reply(broker: RabbitBroker, reply_to: str, reply: Reply, timeout_
     Raises what `services.common.broker.publish` raises for a broker that did not confirm.
     """
     try:
-        await broker.publish(
-            encode(reply),
+        await publish(
+            broker,
+            reply,
             exchange=DEFAULT_EXCHANGE,
             routing_key=reply_to,
-            persist=True,
-            mandatory=True,
             timeout=timeout_s,
-            content_type=CONTENT_TYPE,
             message_id=reply.request_id,
-            message_type="Reply",
         )
     except DeliveryError as exc:
         if exc.frame is None or getattr(exc.frame, "reply_code", None) != 312:  # 312: NO_ROUTE
