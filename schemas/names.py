@@ -2,7 +2,8 @@
 
 The topology (see DESIGN.md):
 
-    first.requests  (topic)  -> first.router.requests        gateway -> router
+    first.requests  (topic)  -> first.router.requests        gateway -> router (interactive)
+                             -> first.router.batch           batch worker -> router (batch lines)
     first.ingress   (topic)  -> first.router.ingress         producers -> router
     first.sites     (topic)  -> first.site.<site>.<priority> router -> site agent
     first.control   (topic)  -> first.site.<site>.control    router -> site agent
@@ -31,11 +32,20 @@ DEAD_EXCHANGE: Final = "first.dead"
 # Queues
 ROUTER_REQUESTS_QUEUE: Final = "first.router.requests"
 ROUTER_INGRESS_QUEUE: Final = "first.router.ingress"
+ROUTER_BATCH_QUEUE: Final = "first.router.batch"
+"""Batch lines on their way to the router: a queue of their own, so that a 50,000-line batch
+never stands in front of an interactive request in `first.router.requests`."""
+BATCH_RESULTS_QUEUE: Final = "first.batch.results"
+"""Where site agents (and the router, for refusals) send the `Reply` of every batch line (the
+lines' `reply_to`), through the default exchange; the batch worker consumes it."""
 ACCOUNTING_USAGE_QUEUE: Final = "first.accounting.usage"
 DEAD_QUEUE: Final = "first.dead"
 
 # Routing keys
 REQUEST_ROUTING_KEY: Final = "request.new"
+"""What the gateway publishes an interactive RunInference to `first.requests` with."""
+BATCH_REQUEST_ROUTING_KEY: Final = "request.batch"
+"""What the batch worker publishes a batch line's RunInference to `first.requests` with."""
 INGRESS_ROUTING_KEY: Final = "ingress.request"
 """What a direct producer publishes an `IngressRequest` to `first.ingress` with."""
 USAGE_ROUTING_KEY: Final = "usage.recorded"

@@ -8,11 +8,12 @@ to the resource `amq.default`. So an operator declares the whole topology once w
 administrator (`first rabbit setup`, below), and every service then runs with
 `FIRST_DECLARE_TOPOLOGY=false` and a user that can touch only its own queues and exchanges:
 
-- gateway: write first.requests.
+- gateway (and the batch worker): write first.requests; read first.batch.results.
 - router: configure its own heartbeat queues; write first.sites, first.control, first.dead,
   amq.default (replies) and its heartbeat queues (to bind them); read first.router.requests,
-  first.router.ingress, first.dead, first.heartbeats (to bind from it), its heartbeat queues,
-  and every site's interactive and batch queues (to move work off a site that died).
+  first.router.batch, first.router.ingress, first.dead, first.heartbeats (to bind from it),
+  its heartbeat queues, and every site's interactive and batch queues (to move work off a
+  site that died).
 - accounting: read first.accounting.usage.
 - site agent of S: write first.usage, first.heartbeats, amq.default (replies); read
   first.site.S.interactive, first.site.S.batch, first.site.S.control.
@@ -74,11 +75,22 @@ def _any(*fragments: str) -> str:
 def grant_for(role: Role, user: str, site_id: str | None = None) -> Grant:
     """Return the least permissions `role` needs (pure: the table in this module's docstring)."""
     if role == "gateway":
-        return Grant(user, role, "^$", _any(_exact(names.REQUESTS_EXCHANGE)), "^$")
+        return Grant(
+            user,
+            role,
+            "^$",
+            _any(_exact(names.REQUESTS_EXCHANGE)),
+            _any(_exact(names.BATCH_RESULTS_QUEUE)),
+        )
     if role == "router":
         beats = _prefixed(_HEARTBEAT_QUEUE_PREFIX)
         write = (names.SITES_EXCHANGE, names.CONTROL_EXCHANGE, names.DEAD_EXCHANGE)
-        read = (names.ROUTER_REQUESTS_QUEUE, names.ROUTER_INGRESS_QUEUE, names.DEAD_QUEUE)
+        read = (
+            names.ROUTER_REQUESTS_QUEUE,
+            names.ROUTER_BATCH_QUEUE,
+            names.ROUTER_INGRESS_QUEUE,
+            names.DEAD_QUEUE,
+        )
         # Work queues of every site: the mover empties those of a site whose heartbeats stopped.
         site_work = (
             re.escape(names.SITE_QUEUE_PREFIX) + r"[^.]+\.(" + "|".join(names.PRIORITIES) + ")"

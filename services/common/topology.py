@@ -55,15 +55,23 @@ def work_queue(name: str, *, declare: bool = True) -> RabbitQueue:
 DEAD_QUEUE = RabbitQueue(names.DEAD_QUEUE, queue_type=QueueType.QUORUM, durable=True)
 ROUTER_REQUESTS = work_queue(names.ROUTER_REQUESTS_QUEUE)
 ROUTER_INGRESS = work_queue(names.ROUTER_INGRESS_QUEUE)
+ROUTER_BATCH = work_queue(names.ROUTER_BATCH_QUEUE)
+BATCH_RESULTS = work_queue(names.BATCH_RESULTS_QUEUE)
 ACCOUNTING_USAGE = work_queue(names.ACCOUNTING_USAGE_QUEUE)
 
 # (exchange, queue, routing key) triples every service may rely on existing.
 _CORE_BINDINGS: Final = (
     (DEAD, DEAD_QUEUE, ""),
-    (REQUESTS, ROUTER_REQUESTS, "request.#"),
+    # Interactive and batch requests part here (a deployment set up before batches existed
+    # has `request.#` on the first queue: rerun `first rabbit setup` and unbind it).
+    (REQUESTS, ROUTER_REQUESTS, names.REQUEST_ROUTING_KEY),
+    (REQUESTS, ROUTER_BATCH, names.BATCH_REQUEST_ROUTING_KEY),
     (INGRESS, ROUTER_INGRESS, "ingress.#"),
     (USAGE, ACCOUNTING_USAGE, "usage.#"),
 )
+
+_DEFAULT_EXCHANGE_QUEUES: Final = (BATCH_RESULTS,)
+"""Queues reached through the default exchange, by name (no binding to declare)."""
 
 
 def site_queues(site_id: str) -> list[tuple[RabbitExchange, RabbitQueue, str]]:
@@ -87,6 +95,8 @@ async def declare_topology(broker: RabbitBroker, *, site_id: str | None = None) 
     for exchange, queue, routing_key in bindings:
         declared = await broker.declare_queue(queue)
         await declared.bind(exchange.name, routing_key=routing_key)
+    for queue in _DEFAULT_EXCHANGE_QUEUES:
+        await broker.declare_queue(queue)
 
 
 async def prepare(

@@ -12,6 +12,7 @@ import msgspec
 from fastapi import FastAPI
 from faststream import AckPolicy
 from faststream.rabbit import RabbitBroker, RabbitQueue
+from faststream.rabbit.schemas import Channel
 from redis.exceptions import RedisError
 
 from schemas import names
@@ -49,6 +50,15 @@ def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
 
     @broker.subscriber(requests, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
     async def on_request() -> None:
+        await handle_request(current_message(broker), deps)
+
+    # Batch lines come on their own queue and channel: the router's window of interactive
+    # deliveries never fills up with them.
+    batch = topology.work_queue(names.ROUTER_BATCH_QUEUE, declare=False)
+    batch_channel = Channel(prefetch_count=deps.settings.batch_prefetch)
+
+    @broker.subscriber(batch, channel=batch_channel, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
+    async def on_batch() -> None:
         await handle_request(current_message(broker), deps)
 
     ingress = topology.work_queue(names.ROUTER_INGRESS_QUEUE, declare=False)

@@ -23,6 +23,8 @@ class Settings(CommonSettings):
     """Names this replica's exclusive heartbeat queue; unique per running replica."""
     prefetch: int = 64
     """Unacked requests this replica holds at once (its share of the backlog)."""
+    batch_prefetch: int = 64
+    """Unacked batch lines this replica holds at once, on a channel of their own."""
     no_site_wait_s: float = 10.0
     """How long a request waits for a live site with its model hot before it fails with 503."""
     stream_ttl_s: float = 3600.0
