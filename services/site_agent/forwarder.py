@@ -42,6 +42,15 @@ PATHS: dict[Endpoint, str] = {
     "embeddings": "/v1/embeddings",
 }
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
+BROKEN_OFF: tuple[type[aiohttp.ClientError], ...] = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientPayloadError,
+)
+"""How an instance that dies (or is killed) after taking a connection shows: the connection is
+reset or closed before the response, or in the middle of its body. Before anything reached the
+stream the request is retried on the next instance (vLLM's partial work is lost, and unbilled);
+after, it ends with an error, since the client already has part of an answer."""
 CONNECTIONS = 1024
 """The forwarder's limit on open connections to vLLM, unless the broker's prefetch is larger."""
 
@@ -254,7 +263,11 @@ class Forwarder(SessionOwner):
         return Result("failed", progress.usage_so_far())
 
     async def forward(self, request: RunInference, pool: Pool, progress: Progress) -> Result:
-        """Run `request` on the first instance that accepts a connection; write its records."""
+        """Run `request` on the first instance that answers it; write its records.
+
+        An instance that cannot be reached, or that breaks off before anything reached the
+        stream (see BROKEN_OFF), is marked down and the next one is tried.
+        """
         try:
             body = backend_body(request)
         except errors.InvalidBody as exc:
@@ -269,6 +282,13 @@ class Forwarder(SessionOwner):
                     return await self._respond(request, url, body, progress)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 logger.warning("instance %s unreachable, trying the next: %r", instance.url, exc)
+                instance.mark_down()
+            except BROKEN_OFF as exc:
+                if progress.records_written > 0:  # the client has tokens: it cannot start over
+                    return await self.fail(request, progress, errors.backend_error(repr(exc)))
+                logger.warning(
+                    "instance %s broke off before answering, trying the next: %r", instance.url, exc
+                )
                 instance.mark_down()
             except TimeoutError:  # after the connect: a read gap, or the whole response
                 settings = self._settings

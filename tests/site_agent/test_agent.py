@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,6 +25,8 @@ from schemas.codec import encode
 from schemas.messages import SiteHeartbeat, UsageRecorded
 from schemas.records import Chunk, Failure, Final, Response, Usage
 from services.common import streams, topology
+from services.sim_vllm.__main__ import running as sim_running
+from services.sim_vllm.settings import Settings as SimSettings
 from services.site_agent.app import create_app
 from services.site_agent.settings import Settings
 from tests.site_agent.conftest import MODEL
@@ -464,3 +472,104 @@ async def test_a_dead_agents_interrupted_request_ends_billing_what_was_delivered
     event = await usage.get_for(request.request_id)
     assert (event.prompt_tokens, event.completion_tokens) == (7, 2)
     assert sum(backend.hits.values()) == hits
+
+
+@contextlib.contextmanager
+def sim_process(model: str, tokens_per_s: float) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run `first sim-vllm` as a child process (so that it can be killed with -9)."""
+    port = free_port()
+    command = [sys.executable, "-m", "services.sim_vllm", "--model", model]
+    command += ["--port", str(port), "--tokens-per-s", str(tokens_per_s)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            assert process.poll() is None, "sim exited"
+            assert time.monotonic() < deadline, "sim did not start"
+            time.sleep(0.1)
+        yield process, url
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def served(url: str) -> int:
+    """Return how many requests a simulator has received."""
+    received: int = httpx.get(f"{url}/sim/stats", timeout=5).json()["received"]
+    return received
+
+
+async def test_an_instance_killed_mid_request_is_retried_on_the_next_one(
+    rabbit_url: str, redis_url: str, broker: RabbitBroker, redis_client: Redis
+) -> None:
+    model = unique("killed-model")
+    with (
+        sim_process(model, tokens_per_s=5) as (victim, victim_url),
+        sim_running(SimSettings(port=0, model=model, tokens_per_s=1000)) as other,
+    ):
+        # The victim is listed first: equally idle instances are tried in their order.
+        settings = agent_settings(rabbit_url, redis_url, {model: [victim_url, other]})
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+        request = make_request(model, body=body)  # not streamed: 4 s of generation on the victim
+        async with running(settings):
+            await send(broker, settings.site_id, request)
+            await wait_for(lambda: served(victim_url) == 1)
+            os.kill(victim.pid, signal.SIGKILL)
+            response, final = await read_stream(redis_client, request.request_id)
+        retried = served(other)
+    assert isinstance(response, Response)
+    assert response.status == 200
+    assert json.loads(response.body)["usage"]["completion_tokens"] == 20
+    assert isinstance(final, Final)
+    assert final.outcome == "completed"
+    assert retried == 1
+
+
+async def test_an_instance_that_breaks_off_before_the_first_token_is_retried(
+    rabbit_url: str, redis_url: str, broker: RabbitBroker, redis_client: Redis
+) -> None:
+    model = unique("broken-model")
+    with (
+        sim_running(SimSettings(port=0, model=model, close_after_tokens=0)) as broken,
+        sim_running(SimSettings(port=0, model=model, tokens_per_s=1000)) as other,
+    ):
+        settings = agent_settings(rabbit_url, redis_url, {model: [broken, other]})
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        request = make_request(model, stream=True, body=body)
+        async with running(settings):
+            await send(broker, settings.site_id, request)
+            *chunks, final = await read_stream(redis_client, request.request_id)
+        counts = (served(broken), served(other))
+    assert all(isinstance(chunk, Chunk) for chunk in chunks)
+    assert sum(bool(chunk_json(c)["choices"][0]["delta"].get("content")) for c in chunks) == 5
+    assert isinstance(final, Final)
+    assert (final.outcome, final.usage.completion_tokens) == ("completed", 5)
+    assert counts == (1, 1)
+
+
+async def test_an_instance_that_breaks_off_after_tokens_ends_the_request_with_an_error(
+    rabbit_url: str, redis_url: str, broker: RabbitBroker, redis_client: Redis
+) -> None:
+    model = unique("half-model")
+    with (
+        sim_running(SimSettings(port=0, model=model, close_after_tokens=3)) as broken,
+        sim_running(SimSettings(port=0, model=model, tokens_per_s=1000)) as other,
+    ):
+        settings = agent_settings(rabbit_url, redis_url, {model: [broken, other]})
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+        request = make_request(model, stream=True, body=body)
+        async with running(settings):
+            await send(broker, settings.site_id, request)
+            *chunks, failure, final = await read_stream(redis_client, request.request_id)
+        retried = served(other)
+    assert chunks
+    assert all(isinstance(chunk, Chunk) for chunk in chunks)
+    assert isinstance(failure, Failure)
+    assert (failure.error.status, failure.error.code) == (502, "backend_error")
+    assert isinstance(final, Final)
+    assert (final.outcome, final.usage.completion_tokens) == ("failed", 3)
+    assert retried == 0  # the client had tokens: the request was not started over
