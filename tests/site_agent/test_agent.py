@@ -529,34 +529,14 @@ async def test_an_instance_killed_mid_request_is_retried_on_the_next_one(
     assert retried == 1
 
 
-async def test_an_instance_that_breaks_off_before_the_first_token_is_retried(
-    rabbit_url: str, redis_url: str, broker: RabbitBroker, redis_client: Redis
-) -> None:
+async def stream_past_a_breaking_instance(
+    rabbit_url: str, redis_url: str, broker: RabbitBroker, redis: Redis, **fault: int
+) -> tuple[list[Any], tuple[int, int]]:
+    """Stream 8 tokens from a site whose first instance has `fault`, its second none; return
+    the records and how many requests each instance received."""
     model = unique("broken-model")
     with (
-        sim_running(SimSettings(port=0, model=model, close_after_tokens=0)) as broken,
-        sim_running(SimSettings(port=0, model=model, tokens_per_s=1000)) as other,
-    ):
-        settings = agent_settings(rabbit_url, redis_url, {model: [broken, other]})
-        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-        request = make_request(model, stream=True, body=body)
-        async with running(settings):
-            await send(broker, settings.site_id, request)
-            *chunks, final = await read_stream(redis_client, request.request_id)
-        counts = (served(broken), served(other))
-    assert all(isinstance(chunk, Chunk) for chunk in chunks)
-    assert sum(bool(chunk_json(c)["choices"][0]["delta"].get("content")) for c in chunks) == 5
-    assert isinstance(final, Final)
-    assert (final.outcome, final.usage.completion_tokens) == ("completed", 5)
-    assert counts == (1, 1)
-
-
-async def test_an_instance_that_breaks_off_after_tokens_ends_the_request_with_an_error(
-    rabbit_url: str, redis_url: str, broker: RabbitBroker, redis_client: Redis
-) -> None:
-    model = unique("half-model")
-    with (
-        sim_running(SimSettings(port=0, model=model, close_after_tokens=3)) as broken,
+        sim_running(SimSettings(port=0, model=model, **fault)) as broken,  # type: ignore[arg-type]
         sim_running(SimSettings(port=0, model=model, tokens_per_s=1000)) as other,
     ):
         settings = agent_settings(rabbit_url, redis_url, {model: [broken, other]})
@@ -564,12 +544,35 @@ async def test_an_instance_that_breaks_off_after_tokens_ends_the_request_with_an
         request = make_request(model, stream=True, body=body)
         async with running(settings):
             await send(broker, settings.site_id, request)
-            *chunks, failure, final = await read_stream(redis_client, request.request_id)
-        retried = served(other)
+            records = await read_stream(redis, request.request_id)
+        return records, (served(broken), served(other))
+
+
+async def test_an_instance_that_breaks_off_before_the_first_token_is_retried(
+    rabbit_url: str, redis_url: str, broker: RabbitBroker, redis_client: Redis
+) -> None:
+    records, counts = await stream_past_a_breaking_instance(
+        rabbit_url, redis_url, broker, redis_client, close_after_tokens=0
+    )
+    *chunks, final = records
+    assert all(isinstance(chunk, Chunk) for chunk in chunks)
+    assert sum(bool(chunk_json(c)["choices"][0]["delta"].get("content")) for c in chunks) == 8
+    assert isinstance(final, Final)
+    assert (final.outcome, final.usage.completion_tokens) == ("completed", 8)
+    assert counts == (1, 1)
+
+
+async def test_an_instance_that_breaks_off_after_tokens_ends_the_request_with_an_error(
+    rabbit_url: str, redis_url: str, broker: RabbitBroker, redis_client: Redis
+) -> None:
+    records, counts = await stream_past_a_breaking_instance(
+        rabbit_url, redis_url, broker, redis_client, close_after_tokens=3
+    )
+    *chunks, failure, final = records
     assert chunks
     assert all(isinstance(chunk, Chunk) for chunk in chunks)
     assert isinstance(failure, Failure)
     assert (failure.error.status, failure.error.code) == (502, "backend_error")
     assert isinstance(final, Final)
     assert (final.outcome, final.usage.completion_tokens) == ("failed", 3)
-    assert retried == 0  # the client had tokens: the request was not started over
+    assert counts == (1, 0)  # the client had tokens: the request was not started over
