@@ -47,18 +47,14 @@ def heartbeat_queue(instance_id: str) -> RabbitQueue:
 
 def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
     requests = topology.work_queue(names.ROUTER_REQUESTS_QUEUE, declare=False)
-
-    @broker.subscriber(requests, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
-    async def on_request() -> None:
-        await handle_request(current_message(broker), deps)
-
     # Batch lines come on their own queue and channel: the router's window of interactive
-    # deliveries never fills up with them.
+    # deliveries never fills up with them. Both are served alike (for now).
     batch = topology.work_queue(names.ROUTER_BATCH_QUEUE, declare=False)
     batch_channel = Channel(prefetch_count=deps.settings.batch_prefetch)
 
+    @broker.subscriber(requests, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
     @broker.subscriber(batch, channel=batch_channel, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
-    async def on_batch() -> None:
+    async def on_request() -> None:
         await handle_request(current_message(broker), deps)
 
     ingress = topology.work_queue(names.ROUTER_INGRESS_QUEUE, declare=False)

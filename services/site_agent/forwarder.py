@@ -42,15 +42,17 @@ PATHS: dict[Endpoint, str] = {
     "embeddings": "/v1/embeddings",
 }
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
-BROKEN_OFF: tuple[type[aiohttp.ClientError], ...] = (
+TRY_NEXT: tuple[type[aiohttp.ClientError], ...] = (
+    aiohttp.ClientOSError,  # includes ClientConnectorError: not reachable at all
+    aiohttp.ConnectionTimeoutError,
     aiohttp.ServerDisconnectedError,
-    aiohttp.ClientOSError,
     aiohttp.ClientPayloadError,
 )
-"""How an instance that dies (or is killed) after taking a connection shows: the connection is
-reset or closed before the response, or in the middle of its body. Before anything reached the
-stream the request is retried on the next instance (vLLM's partial work is lost, and unbilled);
-after, it ends with an error, since the client already has part of an answer."""
+"""How an instance that is down, or dies (or is killed) after taking a connection, shows: no
+connection, or one reset or closed before the response or in the middle of its body. Before
+anything reached the stream the request is tried on the next instance (vLLM's partial work is
+lost, and unbilled); after, it ends with an error, since the client already has part of an
+answer."""
 CONNECTIONS = 1024
 """The forwarder's limit on open connections to vLLM, unless the broker's prefetch is larger."""
 
@@ -266,7 +268,7 @@ class Forwarder(SessionOwner):
         """Run `request` on the first instance that answers it; write its records.
 
         An instance that cannot be reached, or that breaks off before anything reached the
-        stream (see BROKEN_OFF), is marked down and the next one is tried.
+        stream (see TRY_NEXT), is marked down and the next one is tried.
         """
         try:
             body = backend_body(request)
@@ -280,14 +282,11 @@ class Forwarder(SessionOwner):
                     if streaming:
                         return await self._stream(request, url, body, progress)
                     return await self._respond(request, url, body, progress)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                logger.warning("instance %s unreachable, trying the next: %r", instance.url, exc)
-                instance.mark_down()
-            except BROKEN_OFF as exc:
+            except TRY_NEXT as exc:
                 if progress.records_written > 0:  # the client has tokens: it cannot start over
                     return await self.fail(request, progress, errors.backend_error(repr(exc)))
                 logger.warning(
-                    "instance %s broke off before answering, trying the next: %r", instance.url, exc
+                    "instance %s failed before answering, trying the next: %r", instance.url, exc
                 )
                 instance.mark_down()
             except TimeoutError:  # after the connect: a read gap, or the whole response

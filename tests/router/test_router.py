@@ -128,6 +128,25 @@ async def test_batch_requests_go_to_the_sites_batch_queue(
     assert (routed.request_id, routed.site_id) == (request.request_id, site)
 
 
+async def test_batch_lines_on_their_own_queue_are_routed_like_requests(
+    router: Registry, broker: RabbitBroker, channel: Any
+) -> None:
+    model, site = unique("model"), unique("site")
+    await topology.declare_topology(broker, site_id=site)
+    await beat(broker, heartbeat(site, model))
+    await wait_for(lambda: router.get(site))
+    line = msgspec.structs.replace(make_request(model), priority="batch")
+    await publish(
+        broker,
+        line,
+        exchange=topology.REQUESTS,
+        routing_key=names.BATCH_REQUEST_ROUTING_KEY,
+        timeout=5,
+    )
+    routed = await take(channel, names.site_queue(site, "batch"))
+    assert (routed.request_id, routed.site_id) == (line.request_id, site)
+
+
 async def test_no_live_site_ends_the_stream_with_503_and_final(
     router: Registry, broker: RabbitBroker, redis_client: Redis
 ) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from schemas.codec import encode
 from schemas.messages import SiteHeartbeat, UsageRecorded
 from schemas.records import Chunk, Failure, Final, Response, Usage
 from services.common import streams, topology
+from services.devstack.procs import ProcessGroup
 from services.sim_vllm.__main__ import running as sim_running
 from services.sim_vllm.settings import Settings as SimSettings
 from services.site_agent.app import create_app
@@ -475,26 +477,21 @@ async def test_a_dead_agents_interrupted_request_ends_billing_what_was_delivered
 
 
 @contextlib.contextmanager
-def sim_process(model: str, tokens_per_s: float) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def sim_process(
+    model: str, tokens_per_s: float, log_dir: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Run `first sim-vllm` as a child process (so that it can be killed with -9)."""
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "services.sim_vllm", "--model", model]
     command += ["--port", str(port), "--tokens-per-s", str(tokens_per_s)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    group = ProcessGroup(log_dir)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            assert process.poll() is None, "sim exited"
-            assert time.monotonic() < deadline, "sim did not start"
-            time.sleep(0.1)
-        yield process, url
+        proc = group.start("sim-vllm", command, dict(os.environ), f"{url}/health")
+        group.wait_ready(proc, 20)
+        yield proc.popen, url
     finally:
-        process.kill()
-        process.wait(timeout=10)
+        group.stop_all()
 
 
 def served(url: str) -> int:
@@ -504,11 +501,11 @@ def served(url: str) -> int:
 
 
 async def test_an_instance_killed_mid_request_is_retried_on_the_next_one(
-    rabbit_url: str, redis_url: str, broker: RabbitBroker, redis_client: Redis
+    rabbit_url: str, redis_url: str, broker: RabbitBroker, redis_client: Redis, tmp_path: Path
 ) -> None:
     model = unique("killed-model")
     with (
-        sim_process(model, tokens_per_s=5) as (victim, victim_url),
+        sim_process(model, tokens_per_s=5, log_dir=tmp_path) as (victim, victim_url),
         sim_running(SimSettings(port=0, model=model, tokens_per_s=1000)) as other,
     ):
         # The victim is listed first: equally idle instances are tried in their order.
