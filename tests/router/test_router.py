@@ -70,14 +70,10 @@ async def beat(broker: RabbitBroker, hb: SiteHeartbeat) -> None:
     await publish(broker, hb, exchange=topology.HEARTBEATS, routing_key="", timeout=5)
 
 
-async def submit(broker: RabbitBroker, request: RunInference) -> None:
-    await publish(
-        broker,
-        request,
-        exchange=topology.REQUESTS,
-        routing_key=names.REQUEST_ROUTING_KEY,
-        timeout=5,
-    )
+async def submit(
+    broker: RabbitBroker, request: RunInference, routing_key: str = names.REQUEST_ROUTING_KEY
+) -> None:
+    await publish(broker, request, exchange=topology.REQUESTS, routing_key=routing_key, timeout=5)
 
 
 async def take(channel: Any, queue_name: str, within_s: float = 10.0) -> RunInference:
@@ -115,36 +111,22 @@ async def test_request_goes_to_the_live_hot_site_with_most_room_and_is_acked(
     assert await queue_depth(channel, names.ROUTER_REQUESTS_QUEUE) == 0
 
 
+@pytest.mark.parametrize(
+    "routing_key",
+    [names.REQUEST_ROUTING_KEY, names.BATCH_REQUEST_ROUTING_KEY],
+    ids=["on-the-requests-queue", "on-the-batch-queue"],
+)
 async def test_batch_requests_go_to_the_sites_batch_queue(
-    router: Registry, broker: RabbitBroker, channel: Any
+    router: Registry, broker: RabbitBroker, channel: Any, routing_key: str
 ) -> None:
     model, site = unique("model"), unique("site")
     await topology.declare_topology(broker, site_id=site)
     await beat(broker, heartbeat(site, model))
     await wait_for(lambda: router.get(site))
     request = msgspec.structs.replace(make_request(model), priority="batch")
-    await submit(broker, request)
+    await submit(broker, request, routing_key)
     routed = await take(channel, names.site_queue(site, "batch"))
     assert (routed.request_id, routed.site_id) == (request.request_id, site)
-
-
-async def test_batch_lines_on_their_own_queue_are_routed_like_requests(
-    router: Registry, broker: RabbitBroker, channel: Any
-) -> None:
-    model, site = unique("model"), unique("site")
-    await topology.declare_topology(broker, site_id=site)
-    await beat(broker, heartbeat(site, model))
-    await wait_for(lambda: router.get(site))
-    line = msgspec.structs.replace(make_request(model), priority="batch")
-    await publish(
-        broker,
-        line,
-        exchange=topology.REQUESTS,
-        routing_key=names.BATCH_REQUEST_ROUTING_KEY,
-        timeout=5,
-    )
-    routed = await take(channel, names.site_queue(site, "batch"))
-    assert (routed.request_id, routed.site_id) == (line.request_id, site)
 
 
 async def test_no_live_site_ends_the_stream_with_503_and_final(
