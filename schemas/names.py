@@ -90,6 +90,13 @@ def heartbeat_queue(router_instance: str) -> str:
     return f"first.router.heartbeats.{router_instance}"
 
 
+def router_usage_queue(router_instance: str) -> str:
+    """Return the exclusive queue of one router replica on `first.usage` (bound `usage.#`): the
+    usage that corrects its fair share's estimates. Its own, not a shared one: every replica
+    must see the usage of the lines it dispatched."""
+    return f"first.router.usage.{router_instance}"
+
+
 # Redis keys
 def stream_key(request_id: str) -> str:
     """Return the Redis stream that carries one request's records to its reader."""

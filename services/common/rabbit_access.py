@@ -9,11 +9,11 @@ administrator (`first rabbit setup`, below), and every service then runs with
 `FIRST_DECLARE_TOPOLOGY=false` and a user that can touch only its own queues and exchanges:
 
 - gateway (and the batch worker): write first.requests; read first.batch.results.
-- router: configure its own heartbeat queues; write first.sites, first.control, first.dead,
-  amq.default (replies) and its heartbeat queues (to bind them); read first.router.requests,
-  first.router.batch, first.router.ingress, first.dead, first.heartbeats (to bind from it),
-  its heartbeat queues, and every site's interactive and batch queues (to move work off a
-  site that died).
+- router: configure its own heartbeat and usage queues; write first.sites, first.control,
+  first.dead, amq.default (replies) and its heartbeat and usage queues (to bind them); read
+  first.router.requests, first.router.batch, first.router.ingress, first.dead,
+  first.heartbeats and first.usage (to bind from them), its heartbeat and usage queues, and
+  every site's interactive and batch queues (to move work off a site that died).
 - accounting: read first.accounting.usage.
 - site agent of S: write first.usage, first.heartbeats, amq.default (replies); read
   first.site.S.interactive, first.site.S.batch, first.site.S.control.
@@ -45,6 +45,7 @@ DEFAULT_EXCHANGE: str = "amq.default"
 """The name RabbitMQ's permission checks give the default exchange (`""`)."""
 
 _HEARTBEAT_QUEUE_PREFIX = names.heartbeat_queue("")
+_ROUTER_USAGE_QUEUE_PREFIX = names.router_usage_queue("")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def grant_for(role: Role, user: str, site_id: str | None = None) -> Grant:
         )
     if role == "router":
         beats = _prefixed(_HEARTBEAT_QUEUE_PREFIX)
+        usage = _prefixed(_ROUTER_USAGE_QUEUE_PREFIX)
         write = (names.SITES_EXCHANGE, names.CONTROL_EXCHANGE, names.DEAD_EXCHANGE)
         read = (
             names.ROUTER_REQUESTS_QUEUE,
@@ -98,9 +100,14 @@ def grant_for(role: Role, user: str, site_id: str | None = None) -> Grant:
         return Grant(
             user,
             role,
-            _any(beats),
-            _any(*map(_exact, (*write, DEFAULT_EXCHANGE)), beats),
-            _any(*map(_exact, (*read, names.HEARTBEATS_EXCHANGE)), beats, site_work),
+            _any(beats, usage),
+            _any(*map(_exact, (*write, DEFAULT_EXCHANGE)), beats, usage),
+            _any(
+                *map(_exact, (*read, names.HEARTBEATS_EXCHANGE, names.USAGE_EXCHANGE)),
+                beats,
+                usage,
+                site_work,
+            ),
         )
     if role == "accounting":
         return Grant(user, role, "^$", "^$", _any(_exact(names.ACCOUNTING_USAGE_QUEUE)))

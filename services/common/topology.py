@@ -38,7 +38,24 @@ HEARTBEATS_EXISTING = RabbitExchange(
     names.HEARTBEATS_EXCHANGE, type=ExchangeType.FANOUT, durable=True, declare=False
 )
 """For binding to: a passive declare needs no configure permission (the router's user has none)."""
+USAGE_EXISTING = RabbitExchange(
+    names.USAGE_EXCHANGE, type=ExchangeType.TOPIC, durable=True, declare=False
+)
+"""For binding a router replica's usage queue to (as HEARTBEATS_EXISTING)."""
+USAGE_BINDING_KEY: Final = "usage.#"
 DEAD = RabbitExchange(names.DEAD_EXCHANGE, type=ExchangeType.FANOUT, durable=True)
+
+
+def router_usage_queue(instance_id: str) -> RabbitQueue:
+    """Return one router replica's own queue on `first.usage` (gone when it disconnects):
+    usage is a hint for its fair share, so nothing is kept for a replica that is gone."""
+    return RabbitQueue(
+        names.router_usage_queue(instance_id),
+        durable=False,
+        exclusive=True,
+        auto_delete=True,
+        routing_key=USAGE_BINDING_KEY,
+    )
 
 
 def work_queue(name: str, *, declare: bool = True) -> RabbitQueue:
@@ -67,7 +84,7 @@ _CORE_BINDINGS: Final = (
     (REQUESTS, ROUTER_REQUESTS, names.REQUEST_ROUTING_KEY),
     (REQUESTS, ROUTER_BATCH, names.BATCH_REQUEST_ROUTING_KEY),
     (INGRESS, ROUTER_INGRESS, "ingress.#"),
-    (USAGE, ACCOUNTING_USAGE, "usage.#"),
+    (USAGE, ACCOUNTING_USAGE, USAGE_BINDING_KEY),
 )
 
 _DEFAULT_EXCHANGE_QUEUES: Final = (BATCH_RESULTS,)

@@ -28,6 +28,7 @@ from services.gateway.quotas import Quotas
 from services.gateway.settings import Settings as GatewaySettings
 from services.router import metrics
 from services.router.deadletter import handle_dead
+from services.router.dispatch import Dispatcher
 from services.router.handlers import Deps, handle_heartbeat, handle_ingress, handle_request
 from services.router.ingress import Admission
 from services.router.mover import Mover
@@ -45,17 +46,30 @@ def heartbeat_queue(instance_id: str) -> RabbitQueue:
     )
 
 
-def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
+def _subscribe(broker: RabbitBroker, deps: Deps, dispatcher: Dispatcher) -> None:
     requests = topology.work_queue(names.ROUTER_REQUESTS_QUEUE, declare=False)
+
+    @broker.subscriber(requests, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
+    async def on_request() -> None:
+        await handle_request(current_message(broker), deps)
+
     # Batch lines come on their own queue and channel: the router's window of interactive
-    # deliveries never fills up with them. Both are served alike (for now).
+    # deliveries never fills up with them. They are held there, unacked, until a site has
+    # credit for them (services/router/dispatch.py); the window bounds how many.
     batch = topology.work_queue(names.ROUTER_BATCH_QUEUE, declare=False)
     batch_channel = Channel(prefetch_count=deps.settings.batch_prefetch)
 
-    @broker.subscriber(requests, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
     @broker.subscriber(batch, channel=batch_channel, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
-    async def on_request() -> None:
-        await handle_request(current_message(broker), deps)
+    async def on_batch() -> None:
+        await handle_request(current_message(broker), deps, dispatcher.hold)
+
+    usage = topology.router_usage_queue(deps.settings.instance_id)
+
+    @broker.subscriber(
+        usage, topology.USAGE_EXISTING, ack_policy=AckPolicy.ACK_FIRST, decoder=raw_body
+    )
+    async def on_usage() -> None:
+        dispatcher.observe_usage(current_message(broker).body)
 
     ingress = topology.work_queue(names.ROUTER_INGRESS_QUEUE, declare=False)
 
@@ -108,7 +122,8 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
         admission=admission,
         policy=PolicyState(rng=random.Random(settings.policy_seed)),  # noqa: S311 - not secret
     )
-    _subscribe(broker, deps)
+    dispatcher = Dispatcher(deps)
+    _subscribe(broker, deps, dispatcher)
     mover = Mover(deps)
 
     @contextlib.asynccontextmanager
@@ -127,15 +142,17 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
             registry.run_sweeper(settings.sweep_interval_s, mover.sites_gone)
         )
         moving = asyncio.create_task(run_mover(mover, settings.sweep_interval_s))
+        dispatching = asyncio.create_task(dispatcher.run())
         metrics.SITES.attach(registry)
         try:
             yield
         finally:
             metrics.SITES.detach(registry)
-            for task in (sweeper, moving):
+            tasks = {sweeper, moving, dispatching}
+            for task in tasks:
                 task.cancel()
             # Bounded: a task stuck in a network call must not hold the shutdown.
-            await asyncio.wait({sweeper, moving}, timeout=settings.publish_timeout_s)
+            await asyncio.wait(tasks, timeout=settings.publish_timeout_s)
             await mover.close()
             await broker.stop()
             await redis.aclose()
@@ -143,6 +160,7 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
 
     app = FastAPI(title="FIRST router", lifespan=lifespan)
     app.state.deps = deps
+    app.state.dispatcher = dispatcher
 
     async def broker_ready() -> None:
         if not await broker.ping(timeout=1.0):
@@ -157,6 +175,7 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
             "ttl_s": registry.ttl_s,
             "sites": msgspec.to_builtins(registry.sites()),
             "sent": registry.sent(),
+            "batch_held": dispatcher.held_by_user(),
         }
 
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -101,8 +102,13 @@ async def start_model(deps: Deps, site_id: str, model: str) -> None:
     logger.info("asked site %s to start %s", site_id, model)
 
 
-async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
-    """Send one RunInference from a gateway to a site's queue, or end its stream with a 503."""
+Then = Callable[[RabbitMessage, "Deps", RunInference], Awaitable[None]]
+"""What becomes of a trusted request: `route` (at once), or the dispatcher's `hold` (batch)."""
+
+
+async def handle_request(msg: RabbitMessage, deps: Deps, then: Then | None = None) -> None:
+    """Take one RunInference from a gateway: `then` it (default: `route` it to a site's queue
+    now, or end its stream with a 503)."""
     request = await decode_or_reject(msg, run_inference_decoder)
     if request is None:
         metrics.FAILED.labels("undecodable").inc()
@@ -113,7 +119,7 @@ async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
         await refuse(msg, deps, request.request_id, ingress.publisher_error(publisher))
         return
     user_id_var.set(request.user_id)
-    await route(msg, deps, request)
+    await (then or route)(msg, deps, request)
 
 
 async def handle_ingress(msg: RabbitMessage, deps: Deps) -> None:
@@ -229,6 +235,16 @@ async def _fail_no_site(
         logger.warning("cannot end stream (no site), requeueing: %s", exc)
         await msg.nack(requeue=True)
         return
+    if request.reply_to:
+        try:
+            reply = replies.refusal(request.request_id, error)
+            await replies.send_reply(
+                deps.broker, request.reply_to, reply, deps.settings.publish_timeout_s
+            )
+        except PUBLISH_ERRORS as exc:  # the stream has it; the next delivery sends the reply
+            logger.warning("cannot send the reply (no site), requeueing: %r", exc)
+            await msg.nack(requeue=True)
+            return
     logger.info("no live site for model %s after %.1f s", request.model, waited_s)
     await msg.ack()
     metrics.FAILED.labels("no_site").inc()

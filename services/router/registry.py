@@ -48,6 +48,7 @@ class Registry:
         self._beats: dict[str, SiteHeartbeat] = {}
         self._sent: dict[str, int] = {}
         self._updated = asyncio.Event()
+        self._listeners: list[Callable[[], object]] = []
         self._delete_if_unchanged = redis.register_script(_DELETE_IF_UNCHANGED)
 
     @property
@@ -80,7 +81,13 @@ class Registry:
         self._sent.pop(heartbeat.site_id, None)
         updated, self._updated = self._updated, asyncio.Event()
         updated.set()
+        for listener in self._listeners:
+            listener()
         return True
+
+    def add_listener(self, listener: Callable[[], object]) -> None:
+        """Call `listener` (synchronously, so it must not block) on every kept heartbeat."""
+        self._listeners.append(listener)
 
     async def observe(self, heartbeat: SiteHeartbeat) -> None:
         """Remember a received heartbeat and mirror it to Redis."""

@@ -23,8 +23,17 @@ class Settings(CommonSettings):
     """Names this replica's exclusive heartbeat queue; unique per running replica."""
     prefetch: int = 64
     """Unacked requests this replica holds at once (its share of the backlog)."""
-    batch_prefetch: int = 64
-    """Unacked batch lines this replica holds at once, on a channel of their own."""
+    batch_prefetch: int = 512
+    """Unacked batch lines this replica holds at once, on a channel of their own. They wait
+    here, unacked (so a crash loses none), until a site has credit (services/router/credit.py):
+    enough to keep every site's free slots filled between two heartbeats."""
+    interactive_reserve: float = Field(default=0.25, ge=0.0, lt=1.0)
+    """Share of each site's slots that batch lines never take (at least one slot of a site with
+    two or more), so that an interactive request finds one free."""
+    prompt_token_weight: float = Field(default=1.0, ge=0.0)
+    """Worth of a prompt token against a completion token in the fair share between users."""
+    dispatch_tick_s: float = Field(default=0.5, gt=0.0)
+    """How often held batch lines are looked at without a heartbeat (expiry, model starts)."""
     no_site_wait_s: float = 10.0
     """How long a request waits for a live site with its model hot before it fails with 503."""
     stream_ttl_s: float = 3600.0

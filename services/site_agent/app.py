@@ -102,7 +102,14 @@ def create_app(settings: Settings) -> FastAPI:
     forwarder = Forwarder(streams.StreamWriter(redis), settings)
     executor = Executor(settings, redis, backends, forwarder, cancels)
     heartbeat = Heartbeat(settings, broker, backends)
-    _subscribe(broker, Deps(settings=settings, broker=broker, executor=executor, redis=redis))
+    deps = Deps(
+        settings=settings,
+        broker=broker,
+        executor=executor,
+        redis=redis,
+        finished=heartbeat.nudge,
+    )
+    _subscribe(broker, deps)
     _subscribe_control(broker, settings.site_id, manager)
 
     @contextlib.asynccontextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from faststream.rabbit import RabbitBroker
@@ -34,6 +35,8 @@ class Deps:
     broker: RabbitBroker
     executor: Executor
     redis: Redis
+    finished: Callable[[], None] = lambda: None
+    """Called when a request leaves its slot (the heartbeat's nudge: routers refill it)."""
 
 
 async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
@@ -50,7 +53,10 @@ async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
     site_id_var.set(deps.settings.site_id)
     try:
         with metrics.track(request):
-            usage = await deps.executor.execute(request)
+            try:
+                usage = await deps.executor.execute(request)
+            finally:
+                deps.finished()
             if usage is not None:
                 await publish(
                     deps.broker,

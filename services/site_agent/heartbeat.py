@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Final
 
 import aiohttp
 from faststream.rabbit import RabbitBroker
@@ -16,6 +17,10 @@ from services.site_agent.backends import Backends, SessionOwner, backend_session
 from services.site_agent.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+NUDGE_DEBOUNCE_S: Final = 0.1
+"""After a request finishes, the extra heartbeat waits this long: requests finishing together
+(a batch of equal answers) make one heartbeat, not one each."""
 
 
 class Heartbeat(SessionOwner):
@@ -30,6 +35,13 @@ class Heartbeat(SessionOwner):
         self._broker = broker
         self._backends = backends
         self._failing = False
+        self._nudged = asyncio.Event()
+
+    def nudge(self) -> None:
+        """Ask for a heartbeat soon (debounced): a request finished, so a slot is free. Routers
+        dispatch held batch work on heartbeats; waiting for the next periodic one would leave
+        the slot idle for up to an interval."""
+        self._nudged.set()
 
     def _open_session(self) -> aiohttp.ClientSession:
         # Its own session, not the forwarder's: a probe must not wait behind requests for a
@@ -70,10 +82,12 @@ class Heartbeat(SessionOwner):
         return heartbeat
 
     async def run(self) -> None:
-        """Beat every interval until cancelled; a failed beat is logged once per streak."""
+        """Beat every interval, and soon after a nudge, until cancelled; a failed beat is
+        logged once per streak."""
         interval = self._settings.heartbeat_interval_s
         while True:
             started = time.monotonic()
+            self._nudged.clear()
             try:
                 await self.beat()
             except PUBLISH_ERRORS as exc:
@@ -84,4 +98,12 @@ class Heartbeat(SessionOwner):
                 if self._failing:
                     logger.info("heartbeats delivered again")
                 self._failing = False
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            left = max(0.0, interval - (time.monotonic() - started))
+            # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancel that comes as the
+            # nudge is set, and the agent's shutdown then waited for this loop forever.
+            try:
+                async with asyncio.timeout(left):
+                    await self._nudged.wait()
+            except TimeoutError:  # the interval ran out: the periodic beat
+                continue
+            await asyncio.sleep(NUDGE_DEBOUNCE_S)
