@@ -102,13 +102,16 @@ async def test_held_lines_stay_in_rabbitmq_when_the_router_stops(
 ) -> None:
     model, site = unique("model"), unique("site")
     await topology.declare_topology(broker, site_id=site)
-    line = batch_line(model, expires_in=3)  # expires soon: later routers end it
+    # Long enough that the router cannot expire it however slow its start on a loaded machine.
+    line = batch_line(model, expires_in=60)
     async with running(rabbit_url, redis_url) as (registry, dispatcher):
         await beat(broker, heartbeat(site, model, running=8))
         await wait_for(lambda: registry.get(site))
         await submit_batch(broker, line)
         await wait_for(lambda: dispatcher.held() == 1)
     await wait_for(lambda: queue_depth(channel, names.ROUTER_BATCH_QUEUE), within_s=5)
+    # Take it back out, so no later test's router inherits it.
+    assert (await take(channel, names.ROUTER_BATCH_QUEUE)).request_id == line.request_id
 
 
 async def test_interactive_requests_go_at_once_and_take_the_batch_credit(
