@@ -92,6 +92,7 @@ def main() -> None:
         redis_url=common.redis_url,
         database_url=database_url,
         backends={b.served_name: [b.url] for b in backends},
+        files_dir=str(state / "files"),
         # Globus Auth as the services would use it, against the local stand-in.
         extra_env={
             "FIRST_GATEWAY_GLOBUS_CLIENT_ID": DEMO_CLIENT_ID,

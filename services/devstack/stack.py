@@ -76,6 +76,9 @@ class StackConfig:
     router_port: int = 8010
     agent_port: int = 8020
     accounting_port: int = 8030
+    batch_worker_port: int = 8050
+    files_dir: str = ""
+    """Where the gateway and the batch worker keep files (empty: their default, .first/files)."""
     extra_env: dict[str, str] = field(default_factory=dict)
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per service (by name in SERVICES), on top of `env()`: e.g. its own RabbitMQ user."""
@@ -97,16 +100,23 @@ class StackConfig:
                 "FIRST_ROUTER_PORT": str(self.router_port),
                 "FIRST_SITE_AGENT_PORT": str(self.agent_port),
                 "FIRST_ACCOUNTING_PORT": str(self.accounting_port),
+                "FIRST_GATEWAY_BATCH_WORKER_PORT": str(self.batch_worker_port),
                 "FIRST_SITE_AGENT_SITE_ID": self.site_id,
                 "FIRST_SITE_AGENT_BACKENDS": json.dumps(self.backends),
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.files_dir:
+            env["FIRST_GATEWAY_BATCH_DIR"] = self.files_dir
         env.update(self.extra_env)
         return env
 
 
-SERVICES = ("accounting", "router", "site_agent", "gateway")
+SERVICES = ("accounting", "router", "site_agent", "gateway", "batch_worker")
+MODULES = {"batch_worker": "gateway.batch_service"}
+"""A service's module under services/, where it is not the service's name."""
+RABBIT_ROLE = {"batch_worker": "gateway"}
+"""The batch worker publishes and reads what the gateway may: it runs as the gateway's user."""
 
 
 def service_port(config: StackConfig, name: str) -> int:
@@ -115,6 +125,7 @@ def service_port(config: StackConfig, name: str) -> int:
         "router": config.router_port,
         "site_agent": config.agent_port,
         "gateway": config.gateway_port,
+        "batch_worker": config.batch_worker_port,
     }
     return ports[name]
 
@@ -126,8 +137,8 @@ def start_service(
     port = service_port(config, name)
     proc = group.start(
         name,
-        [sys.executable, "-m", f"services.{name}"],
-        config.env() | config.service_env.get(name, {}),
+        [sys.executable, "-m", f"services.{MODULES.get(name, name)}"],
+        config.env() | config.service_env.get(RABBIT_ROLE.get(name, name), {}),
         f"http://127.0.0.1:{port}/ready",
     )
     group.wait_ready(proc, timeout_s)
@@ -135,5 +146,5 @@ def start_service(
 
 
 def start_services(group: ProcessGroup, config: StackConfig) -> dict[str, Proc]:
-    """Start the four services in dependency order; return them by name."""
+    """Start the services in dependency order; return them by name."""
     return {name: start_service(group, config, name) for name in SERVICES}

@@ -20,9 +20,11 @@ from services.common.broker import make_broker
 from services.common.db import make_engine
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
-from services.gateway import apikeys
+from services.gateway import apikeys, batch_db
 from services.gateway.auth import ApiKeyAuthenticator, Authenticator
+from services.gateway.batch_routes import router as batch_router
 from services.gateway.errors import ApiError, error_response
+from services.gateway.filestore import DirectoryStore
 from services.gateway.globus_auth import globus_from_settings
 from services.gateway.inference import Gateway
 from services.gateway.middleware import ObserveRequests
@@ -46,6 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await apikeys.create_schema(engine)
         await ledger.create_schema(engine)  # the report reads it, even before any usage
+        await batch_db.create_schema(engine)
         await broker.connect()
         await topology.prepare(
             broker, declare=settings.declare_topology, timeout_s=settings.publish_timeout_s
@@ -80,6 +83,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(ObserveRequests)
     app.include_router(router)
     app.include_router(usage_router)
+    app.include_router(batch_router)
+    app.state.file_store = DirectoryStore(settings.batch_dir)
     _add_error_handlers(app)
 
     async def check_db() -> None:

@@ -97,3 +97,23 @@ class Settings(CommonSettings):
     group_limits: dict[str, Limits] = Field(default_factory=dict)
     """Shared allocations by Globus group id: every member's usage counts against them."""
     registry_cache_s: float = 0.5
+
+    # Files and batches (services/gateway/batch_*.py; the worker is `first batch-worker`).
+    batch_dir: str = ".first/files"
+    """Where uploaded and result files live (services/gateway/filestore.py)."""
+    batch_max_lines: int = 50_000
+    batch_max_file_bytes: int = 200 * 1024 * 1024
+    batch_expiry_s: float = 86400.0
+    """How long a batch runs before it expires; the API accepts only `24h`, tests shorten it."""
+    batch_window: int = 128
+    """Lines of one batch published but not yet ended: several batches interleave at the router."""
+    batch_poll_s: float = 1.0
+    """How often the worker looks at its batches."""
+    batch_sweep_after_s: float = 60.0
+    """A line published this long ago without a reply is looked up in its Redis stream."""
+    batch_republish_after_s: float = 300.0
+    """... and republished (same request_id) when its stream is still empty after this long."""
+    batch_cancel_grace_s: float = 10.0
+    """A cancelled batch's in-flight lines get this long to finish before they are cancelled."""
+    batch_worker_host: str = "127.0.0.1"
+    batch_worker_port: int = 8050

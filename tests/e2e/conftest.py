@@ -123,7 +123,13 @@ def stack(
         router_port=free_port(),
         agent_port=free_port(),
         accounting_port=free_port(),
-        extra_env={"FIRST_SITE_AGENT_HEARTBEAT_INTERVAL_S": "0.5", "FIRST_LOG_LEVEL": "INFO"},
+        batch_worker_port=free_port(),
+        files_dir=str(run_dir / "files"),
+        extra_env={
+            "FIRST_SITE_AGENT_HEARTBEAT_INTERVAL_S": "0.5",
+            "FIRST_LOG_LEVEL": "INFO",
+            "FIRST_GATEWAY_BATCH_POLL_S": "0.2",
+        },
     )
     group = ProcessGroup(run_dir / "logs")
     # Each service runs as its own least-privilege RabbitMQ user, made by `first rabbit setup`.

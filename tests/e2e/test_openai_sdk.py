@@ -7,6 +7,8 @@ temperature 0, and the ledger's tokens with the usage vLLM reported.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import math
 from typing import Any
 
@@ -217,7 +219,50 @@ async def test_admin_usage_report_over_http_sums_what_was_billed(stack: Stack) -
         assert forbidden.status_code == 403
 
 
-@pytest.mark.parametrize("service", ["gateway", "router", "site_agent", "accounting"])
+async def test_a_batch_through_the_sdk_gives_what_vllm_gives_billed_as_batch(
+    stack: Stack, aclient: openai.AsyncOpenAI, direct: openai.OpenAI
+) -> None:
+    prompts = ["Name a colour.", "Name a fruit.", "Name an animal."]
+    lines = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": CHAT, "messages": [{"role": "user", "content": p}], **GREEDY},
+        }
+        for i, p in enumerate(prompts)
+    ]
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    upload = await aclient.files.create(file=("q.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = await aclient.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    for _ in range(600):  # bounded: 3 short greedy answers take seconds on vLLM-CPU
+        batch = await aclient.batches.retrieve(batch.id)
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            break
+        await asyncio.sleep(0.2)
+    assert batch.status == "completed"
+    assert batch.output_file_id is not None
+    content = await aclient.files.content(batch.output_file_id)
+    outputs = {o["custom_id"]: o for o in map(json.loads, content.content.splitlines())}
+    assert sorted(outputs) == ["q0", "q1", "q2"]
+    for i, prompt in enumerate(prompts):
+        response = outputs[f"q{i}"]["response"]
+        assert response["status_code"] == 200
+        expected = direct.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": prompt}], **GREEDY
+        )
+        got = response["body"]["choices"][0]["message"]["content"]
+        assert got == expected.choices[0].message.content
+        row = await ledger_row(stack.database_url, response["request_id"])
+        assert row.priority == "batch"
+        assert row.completion_tokens == response["body"]["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize(
+    "service", ["gateway", "router", "site_agent", "accounting", "batch_worker"]
+)
 def test_every_service_answers_health_ready_and_metrics(stack: Stack, service: str) -> None:
     port = service_port(stack.config, service)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:

@@ -148,6 +148,7 @@ def make_fault_stack(
         private_rabbit: bool = False,
         sim: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        services: tuple[str, ...] = ("accounting", "router", "site_agent", "gateway"),
     ) -> FaultStack:
         group = ProcessGroup(tmp_path / "logs")
         groups.append(group)
@@ -175,6 +176,8 @@ def make_fault_stack(
             router_port=free_port(),
             agent_port=free_port(),
             accounting_port=free_port(),
+            batch_worker_port=free_port(),
+            files_dir=str(tmp_path / "files"),
             extra_env={
                 "FIRST_GATEWAY_MODELS": json.dumps([{"name": MODEL}]),
                 "FIRST_SITE_AGENT_HEARTBEAT_INTERVAL_S": "0.5",
@@ -183,10 +186,7 @@ def make_fault_stack(
                 **(env or {}),
             },
         )
-        procs = {
-            name: start_service(group, config, name, timeout_s=90)
-            for name in ("accounting", "router", "site_agent", "gateway")
-        }
+        procs = {name: start_service(group, config, name, timeout_s=90) for name in services}
         key = await issue_key(database_url, "fault-user")
         return FaultStack(config, group, procs, sim_proc, sim_url, key, database_url, redis, rabbit)
 
