@@ -45,6 +45,14 @@ def accounting() -> None:
     main()
 
 
+@app.command("batch-worker")
+def batch_worker() -> None:
+    """Run the batch worker, which runs every batch (settings: FIRST_GATEWAY_*)."""
+    from services.gateway.batch_service import main
+
+    main()
+
+
 @app.command()
 def dev() -> None:
     """Run the whole stack in the foreground with two vLLM-CPU backends (Ctrl-C stops it)."""
@@ -116,11 +124,13 @@ def fake_globus(
 def _register_subapps() -> None:
     from services.accounting.cli import usage_app
     from services.common.rabbit_cli import rabbit_app
+    from services.gateway.batch_cli import batch_app
     from services.gateway.keys_cli import keys_app
     from services.producer.cli import queue_app
     from services.site_agent.supervise_cli import sites_app
 
     app.add_typer(usage_app, name="usage", help="Usage reports from the ledger.")
+    app.add_typer(batch_app, name="batch", help="Submit batch files and follow their batches.")
     app.add_typer(keys_app, name="keys", help="Create, list and revoke API keys.")
     app.add_typer(queue_app, name="queue", help="Publish requests straight to the queue.")
     app.add_typer(sites_app, name="sites", help="Run site agents on Globus Compute endpoints.")

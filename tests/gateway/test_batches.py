@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -24,6 +27,8 @@ from tests.faults.conftest import make_fault_stack as make_fault_stack  # the fi
 
 WITH_WORKER = ("accounting", "router", "site_agent", "gateway", "batch_worker")
 ENDED = ("completed", "failed", "expired", "cancelled")
+FIRST = str(Path(sys.executable).parent / "first")
+"""The `first` command of this environment."""
 
 
 def client(stack: FaultStack, key: str | None = None) -> openai.AsyncOpenAI:
@@ -245,3 +250,32 @@ async def test_a_batch_survives_restarts_and_runs_every_line_exactly_once(
     rows = await wait_ledger(stack.database_url, sorted(request_ids))
     assert len(rows) == 30
     assert await stack.ledger_count() == 30  # no line billed twice or under another id
+
+
+async def test_first_batch_submit_uploads_follows_and_downloads_the_results(
+    make_fault_stack: MakeStack, tmp_path: Path
+) -> None:
+    stack = await make_fault_stack(services=WITH_WORKER, env={"FIRST_GATEWAY_BATCH_POLL_S": "0.2"})
+    source = tmp_path / "prompts.jsonl"
+    source.write_bytes(jsonl(12))
+    env = os.environ | {"FIRST_API_KEY": stack.api_key, "FIRST_BASE_URL": stack.config.base_url}
+    run = await asyncio.create_subprocess_exec(
+        FIRST, "batch", "submit", str(source), "--poll-s", "0.2",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(run.communicate(), 60)
+    assert run.returncode == 0, stderr.decode()
+    outputs = [json.loads(x) for x in (tmp_path / "prompts.output.jsonl").read_text().splitlines()]
+    assert sorted(o["custom_id"] for o in outputs) == sorted(f"line-{i}" for i in range(12))
+    assert {o["response"]["status_code"] for o in outputs} == {200}
+    assert not (tmp_path / "prompts.errors.jsonl").exists()
+    assert "completed: 12 results" in stderr.decode()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl(1) + b"{oops\n")
+    refused = await asyncio.create_subprocess_exec(
+        FIRST, "batch", "submit", str(bad),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(refused.communicate(), 30)
+    assert refused.returncode == 1
+    assert "Line 2" in stderr.decode()
