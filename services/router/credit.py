@@ -26,6 +26,19 @@ def reserve(capacity: int, share: float) -> int:
     return min(capacity - 1, max(1, math.ceil(share * capacity - 1e-9)))
 
 
+def reserve_share(share: float, last_interactive: float, now: float, idle_s: float) -> float:
+    """Return the share of slots to keep for interactive work now: `share` while interactive
+    requests came within `idle_s`, else 0 — the reserve is lent to batch work while nobody
+    waits for an answer, so a batch alone fills every slot. `idle_s` <= 0 never lends it.
+
+    The first interactive request after a quiet spell may wait for a slot (at most one batch
+    line's run); from then on batch lines back off until the reserve is free again.
+    """
+    if idle_s <= 0 or now - last_interactive < idle_s:
+        return share
+    return 0.0
+
+
 def credit(heartbeat: SiteHeartbeat, model: str, sent: int, share: float) -> int:
     """Return the batch lines of `model` the site can take now (<= 0: none)."""
     status = model_status(heartbeat, model)

@@ -36,7 +36,7 @@ from schemas.messages import RunInference
 from services.common import replies, streams
 from services.common.broker import PUBLISH_ERRORS
 from services.router import errors, metrics
-from services.router.credit import with_credit
+from services.router.credit import reserve_share, with_credit
 from services.router.fairness import Estimate, VirtualTokenCounter, estimate
 from services.router.handlers import Deps, dispatch, start_model
 from services.router.policy import StartOn, choose_site, choose_start_site
@@ -128,7 +128,12 @@ class Dispatcher:
         deps = self._deps
         registry = deps.registry
         sites, sent = registry.sites(), registry.sent()
-        share = deps.settings.interactive_reserve
+        share = reserve_share(
+            deps.settings.interactive_reserve,
+            registry.last_interactive,
+            now,
+            deps.settings.reserve_idle_s,
+        )
         users = [user for user, queue in self._queues.items() if queue]
         for user in sorted(users, key=lambda u: (self.vtc.counter(u), u)):
             looked: set[tuple[str, tuple[str, ...]]] = set()

@@ -197,6 +197,8 @@ async def dispatch(deps: Deps, request: RunInference, site_id: str) -> None:
         message_id=request.request_id,
     )
     deps.registry.record_sent(site_id)
+    if request.priority == "interactive":
+        deps.registry.last_interactive = time.time()
 
 
 async def route(msg: RabbitMessage, deps: Deps, request: RunInference) -> None:

@@ -47,6 +47,8 @@ class Registry:
         self._clock = clock
         self._beats: dict[str, SiteHeartbeat] = {}
         self._sent: dict[str, int] = {}
+        self.last_interactive = 0.0
+        """When this replica last dispatched an interactive request (epoch s; 0: never)."""
         self._updated = asyncio.Event()
         self._listeners: list[Callable[[], object]] = []
         self._delete_if_unchanged = redis.register_script(_DELETE_IF_UNCHANGED)

@@ -30,6 +30,9 @@ class Settings(CommonSettings):
     interactive_reserve: float = Field(default=0.25, ge=0.0, lt=1.0)
     """Share of each site's slots that batch lines never take (at least one slot of a site with
     two or more), so that an interactive request finds one free."""
+    reserve_idle_s: float = 30.0
+    """The reserve is lent to batch work once this replica routed no interactive request for
+    this long (0: never lent): a batch alone then uses every slot."""
     prompt_token_weight: float = Field(default=1.0, ge=0.0)
     """Worth of a prompt token against a completion token in the fair share between users."""
     dispatch_tick_s: float = Field(default=0.5, gt=0.0)

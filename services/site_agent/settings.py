@@ -35,8 +35,10 @@ class Settings(CommonSettings):
     heartbeat_interval_s: float = 2.0
     prefetch: int = 32
     """Unacked interactive requests held at once."""
-    batch_prefetch: int = 4
-    """Unacked batch requests held at once (kept low so interactive work goes first)."""
+    batch_prefetch: int = 16
+    """Unacked batch requests held at once: at least the site's slots (heartbeat capacity),
+    or batch work cannot fill them. The router's credit, not this bound, keeps batch work
+    within the slots that are free (services/router/credit.py)."""
     stream_ttl_s: float = 3600.0
     """Expiry of a request's stream, renewed on each record."""
     claim_ttl_s: float = 15.0

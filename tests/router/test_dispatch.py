@@ -27,9 +27,16 @@ from tests.site_agent.helpers import make_request, queue_depth, read_stream, uni
 
 
 @asynccontextmanager
-async def running(rabbit_url: str, redis_url: str) -> AsyncIterator[tuple[Registry, Dispatcher]]:
+async def running(
+    rabbit_url: str, redis_url: str, reserve_idle_s: float = 0.0
+) -> AsyncIterator[tuple[Registry, Dispatcher]]:
+    """A router; by default it never lends the reserve (reserve_idle_s=0)."""
     settings = Settings(
-        rabbit_url=rabbit_url, redis_url=redis_url, no_site_wait_s=1.0, dispatch_tick_s=0.2
+        rabbit_url=rabbit_url,
+        redis_url=redis_url,
+        no_site_wait_s=1.0,
+        dispatch_tick_s=0.2,
+        reserve_idle_s=reserve_idle_s,
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
@@ -213,3 +220,28 @@ async def test_a_line_no_site_can_take_does_not_hold_back_the_users_other_models
         taken = await drain(channel, names.site_queue(site, "batch"))
         assert [r.request_id for r in taken] == [line.request_id]
         assert dispatcher.held_by_user() == {"u-hol": 1}
+
+
+async def test_the_reserve_is_lent_to_a_batch_alone_and_taken_back_by_interactive_work(
+    rabbit_url: str, redis_url: str, broker: RabbitBroker, channel: Any
+) -> None:
+    model, site = unique("model"), unique("site")
+    await topology.declare_topology(broker, site_id=site)
+    site_batch = names.site_queue(site, "batch")
+    async with running(rabbit_url, redis_url, reserve_idle_s=30.0) as (registry, dispatcher):
+        await beat(broker, heartbeat(site, model, running=6))  # credit 2 with the reserve lent
+        await wait_for(lambda: registry.get(site))
+        lent = [batch_line(model, expires_in=30) for _ in range(2)]
+        for line in lent:
+            await submit_batch(broker, line)
+        taken = await drain(channel, site_batch)
+        assert [r.request_id for r in taken] == [r.request_id for r in lent]
+        await submit(broker, make_request(model))  # someone waits for an answer now
+        await take(channel, names.site_queue(site, "interactive"))
+        await beat(broker, heartbeat(site, model, running=6))  # 8 - 6 - reserve 2: none
+        kept = batch_line(model, expires_in=30)
+        await submit_batch(broker, kept)
+        await wait_for(lambda: dispatcher.held() == 1)
+        assert await drain(channel, site_batch, 0.5) == []
+        await beat(broker, heartbeat(site, model, running=5))
+        assert [r.request_id for r in await drain(channel, site_batch)] == [kept.request_id]

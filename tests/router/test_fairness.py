@@ -8,7 +8,7 @@ import time
 import msgspec
 
 from schemas.messages import ModelStatus, SiteHeartbeat
-from services.router.credit import credit, reserve, with_credit
+from services.router.credit import credit, reserve, reserve_share, with_credit
 from services.router.fairness import DEFAULT_MAX_TOKENS, Estimate, VirtualTokenCounter, estimate
 from tests.site_agent.helpers import make_request
 
@@ -90,6 +90,13 @@ def beat(site_id: str, model_status: ModelStatus, age: float = 0.0) -> SiteHeart
         interval_s=2.0,
         models=(model_status,),
     )
+
+
+def test_the_reserve_is_lent_to_batch_work_only_after_a_quiet_spell() -> None:
+    assert reserve_share(0.25, last_interactive=0.0, now=1000.0, idle_s=30.0) == 0.0
+    assert reserve_share(0.25, last_interactive=990.0, now=1000.0, idle_s=30.0) == 0.25
+    assert reserve_share(0.25, last_interactive=969.0, now=1000.0, idle_s=30.0) == 0.0
+    assert reserve_share(0.25, last_interactive=0.0, now=1000.0, idle_s=0.0) == 0.25  # never
 
 
 def test_the_reserve_is_a_share_rounded_up_and_at_least_one_slot_from_two() -> None:
