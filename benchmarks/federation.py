@@ -136,13 +136,14 @@ def chat_body(index: int) -> dict[str, Any]:
 class Sims:
     """The three simulators, started once and shared by the runs."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, sites: tuple[Site, ...] = SITES) -> None:
+        self.sites = sites
         self.group = ProcessGroup(workdir / "sim-logs")
         self.urls: dict[str, str] = {}
         self.procs: dict[str, Proc] = {}
 
     def start(self) -> None:
-        for site in SITES:
+        for site in self.sites:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             env = dict(os.environ) | {"FIRST_SIM_VLLM_LOG_LEVEL": "WARNING"}
@@ -192,15 +193,19 @@ class FederationStack(Stack):
         policy: Policy,
         env: dict[str, str],
         node: PrivateRabbit | None,
+        *,
+        batch_worker: bool = False,
     ) -> None:
         super().__init__(workdir)
+        self.sites = sims.sites
+        self.batch_worker = batch_worker
         self.sims = sims
         self.policy = policy
         self.env = env
         self.node = node
         if node is not None:
             self.rabbit_url = f"{node.url.rstrip('/')}/{self.vhost}"
-        self.agent_ports = {site.site_id: free_port() for site in SITES}
+        self.agent_ports = {site.site_id: free_port() for site in self.sites}
         self.database = workdir / "first.db"
 
     async def start(self) -> None:
@@ -219,6 +224,8 @@ class FederationStack(Stack):
             gateway_port=free_port(),
             router_port=free_port(),
             accounting_port=free_port(),
+            batch_worker_port=free_port(),
+            files_dir=str(self.workdir / "files"),
             extra_env={
                 "FIRST_GATEWAY_MODELS": json.dumps([{"name": MODEL}]),
                 "FIRST_GATEWAY_FIRST_RECORD_TIMEOUT_S": str(FIRST_RECORD_TIMEOUT_S),
@@ -226,14 +233,22 @@ class FederationStack(Stack):
                 "FIRST_LOG_LEVEL": "WARNING",
                 **self.env,
             },
-            service_env={"router": {"FIRST_LOG_LEVEL": "INFO"}},  # its timeline: expiry, moves
+            # The router's timeline (expiry, moves) is at INFO; FIRST_BENCH_ROUTER_LOG=DEBUG
+            # adds each batch line's dispatch with its user's fair-share counter.
+            service_env={
+                "router": {"FIRST_LOG_LEVEL": os.environ.get("FIRST_BENCH_ROUTER_LOG", "INFO")}
+            },
         )
         self.api_key = await apikeys.issue_key(database_url, "bench")
         for name in ("accounting", "router", "gateway"):
             self.procs[name] = self._start(
                 name, name, service_port(self.config, name), self.config.service_env.get(name, {})
             )
-        for site in SITES:
+        if self.batch_worker:
+            self.procs["batch_worker"] = self._start(
+                "batch_worker", "gateway.batch_service", self.config.batch_worker_port, {}
+            )
+        for site in self.sites:
             port = self.agent_ports[site.site_id]
             self.procs[f"agent-{site.site_id}"] = self._start(
                 f"agent-{site.site_id}",
@@ -286,7 +301,7 @@ class FederationStack(Stack):
                     for s in sites
                     if any(m["model"] == MODEL and m["state"] == "hot" for m in s["models"])
                 }
-                if hot == {site.site_id for site in SITES}:
+                if hot == {site.site_id for site in self.sites}:
                     return
                 await asyncio.sleep(0.5)
         raise RuntimeError(f"the router sees only sites {sorted(hot)} hot after {within_s:.0f}s")

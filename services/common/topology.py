@@ -109,11 +109,26 @@ async def declare_topology(broker: RabbitBroker, *, site_id: str | None = None) 
     bindings = list(_CORE_BINDINGS)
     if site_id is not None:
         bindings.extend(site_queues(site_id))
-    for exchange, queue, routing_key in bindings:
-        declared = await broker.declare_queue(queue)
-        await declared.bind(exchange.name, routing_key=routing_key)
-    for queue in _DEFAULT_EXCHANGE_QUEUES:
-        await broker.declare_queue(queue)
+    # Queues are declared on a channel of their own, not through the broker: FastStream caches
+    # a declared queue with the channel it was declared on (keyed by name and arguments), and
+    # a consumer on a channel of its own (the router's and the agents' batch consumers, with
+    # their own prefetch) would otherwise consume on the default channel and its prefetch.
+    connection = broker._connection
+    if connection is None:
+        raise RuntimeError("declare_topology needs a connected broker")
+    channel = await connection.channel()
+    try:
+        for exchange, queue, routing_key in bindings:
+            declared = await _declare(channel, queue)
+            await declared.bind(exchange.name, routing_key=routing_key)
+        for queue in _DEFAULT_EXCHANGE_QUEUES:
+            await _declare(channel, queue)
+    finally:
+        await channel.close()
+
+
+async def _declare(channel: Any, queue: RabbitQueue) -> Any:
+    return await channel.declare_queue(queue.name, durable=queue.durable, arguments=queue.arguments)
 
 
 async def prepare(

@@ -171,7 +171,14 @@ class Dispatcher:
         queued_s = max(0.0, time.time() - request.created_at)
         metrics.ROUTED.labels(site_id, request.priority).inc()
         metrics.QUEUE_WAIT.labels(request.priority).observe(queued_s)
-        logger.debug("batch line %s to %s after %.3f s", request.request_id, site_id, queued_s)
+        logger.debug(
+            "batch line %s of %s to %s after %.3f s (counter %.0f)",
+            request.request_id,
+            request.user_id,
+            site_id,
+            queued_s,
+            self.vtc.counter(request.user_id),
+        )
         return True
 
     async def _ack(self, held: Held) -> None:

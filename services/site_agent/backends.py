@@ -113,6 +113,8 @@ class Instance:
     healthy: bool = True
     in_flight: int = 0
     load: Load = field(default_factory=Load)
+    foreign: int = 0
+    """Requests the backend had at its last scrape beyond this agent's own (other clients)."""
     tokens_per_s: float = 0.0
     state: InstanceState = "hot"
     record: InstanceRecord | None = None
@@ -140,6 +142,15 @@ class Instance:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle_since = time.monotonic()
+
+    def occupancy(self, slots: int) -> tuple[int, int]:
+        """Return (running, waiting) now: this agent's requests in flight (exact, live) plus the
+        other clients' from the last scrape. The scraped figures alone are up to a probe
+        interval old — longer than a short request — and a router dispatching batch work on a
+        stale "running" overcommits the site (or leaves slots idle)."""
+        busy = self.in_flight + self.foreign
+        running = min(busy, slots)
+        return running, busy - running
 
     def view(self) -> InstanceView:
         """Return what the lifecycle decisions need to know of this instance."""
@@ -259,8 +270,8 @@ class Pool:
             model=self.model,
             state=state,
             instances=len(up),
-            running=sum(i.load.running for i in up),
-            waiting=sum(i.load.waiting for i in up) + self.held,
+            running=sum(i.occupancy(slots)[0] for i in up),
+            waiting=sum(i.occupancy(slots)[1] for i in up) + self.held,
             capacity=len(up) * slots,
             kv_cache_usage=max((i.load.kv_cache_usage for i in up), default=0.0),
             tokens_per_s=round(sum(i.tokens_per_s for i in up), 3),
@@ -299,6 +310,8 @@ class Pool:
         if metrics_status == 200:
             try:
                 instance.load = parse_metrics(text, self.model)
+                scraped = instance.load.running + instance.load.waiting
+                instance.foreign = max(0, scraped - instance.in_flight)
             except ValueError as exc:
                 logger.warning("unreadable /metrics from %s: %s", instance.url, exc)
                 return

@@ -18,7 +18,7 @@ from services.site_agent.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-NUDGE_DEBOUNCE_S: Final = 0.1
+NUDGE_DEBOUNCE_S: Final = 0.02
 """After a request finishes, the extra heartbeat waits this long: requests finishing together
 (a batch of equal answers) make one heartbeat, not one each."""
 

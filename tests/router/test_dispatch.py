@@ -245,3 +245,20 @@ async def test_the_reserve_is_lent_to_a_batch_alone_and_taken_back_by_interactiv
         assert await drain(channel, site_batch, 0.5) == []
         await beat(broker, heartbeat(site, model, running=5))
         assert [r.request_id for r in await drain(channel, site_batch)] == [kept.request_id]
+
+
+async def test_the_router_holds_batch_lines_up_to_its_batch_prefetch_not_the_default_one(
+    rabbit_url: str, redis_url: str, broker: RabbitBroker, channel: Any
+) -> None:
+    # The batch consumer has a channel of its own (prefetch 512); the default channel's is 64.
+    # FastStream once consumed it on the default channel, because the topology's declare had
+    # cached the queue there: the router saw only 64 lines, in FIFO order, and its fair share
+    # chose among whatever RabbitMQ had delivered.
+    model = unique("model")
+    lines = [batch_line(model, expires_in=60) for _ in range(100)]
+    async with running(rabbit_url, redis_url) as (_registry, dispatcher):
+        for line in lines:
+            await submit_batch(broker, line)
+        await wait_for(lambda: dispatcher.held() == 100)
+    taken = {(await take(channel, names.ROUTER_BATCH_QUEUE)).request_id for _ in lines}
+    assert taken == {line.request_id for line in lines}  # none lost; none left for later tests
