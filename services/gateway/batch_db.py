@@ -11,7 +11,7 @@ Line states: pending (not yet published) -> published (request_id set) -> done.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 import sqlalchemy as sa
@@ -32,6 +32,18 @@ files = sa.Table(
     sa.Column("url", sa.String(64), nullable=False, default=""),
     sa.Column("lines", sa.Integer, nullable=False, default=0),
 )
+STEP_TIMES: Final = (
+    "in_progress_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+"""When a batch reached each status (OpenAI's timestamps; None until it does)."""
+BATCH_TIMES: Final = ("created_at", "expires_at", *STEP_TIMES)
+
 batches = sa.Table(
     "batches",
     metadata,
@@ -48,20 +60,7 @@ batches = sa.Table(
     sa.Column("errors", sa.Text, nullable=True),
     sa.Column("output_file_id", sa.String(64), nullable=True),
     sa.Column("error_file_id", sa.String(64), nullable=True),
-    *(
-        sa.Column(name, sa.Float, nullable=name != "created_at")
-        for name in (
-            "created_at",
-            "expires_at",
-            "in_progress_at",
-            "finalizing_at",
-            "completed_at",
-            "failed_at",
-            "expired_at",
-            "cancelling_at",
-            "cancelled_at",
-        )
-    ),
+    *(sa.Column(name, sa.Float, nullable=name != "created_at") for name in BATCH_TIMES),
 )
 lines = sa.Table(
     "batch_lines",
@@ -110,13 +109,13 @@ class BatchRow(msgspec.Struct, frozen=True, kw_only=True):
     error_file_id: str | None
     created_at: float
     expires_at: float | None
-    in_progress_at: float | None
-    finalizing_at: float | None
-    completed_at: float | None
-    failed_at: float | None
-    expired_at: float | None
-    cancelling_at: float | None
-    cancelled_at: float | None
+    in_progress_at: float | None = None
+    finalizing_at: float | None = None
+    completed_at: float | None = None
+    failed_at: float | None = None
+    expired_at: float | None = None
+    cancelling_at: float | None = None
+    cancelled_at: float | None = None
 
 
 class LineRow(msgspec.Struct, frozen=True, kw_only=True):

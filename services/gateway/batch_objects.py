@@ -9,7 +9,7 @@ import msgspec
 
 from schemas.records import ErrorInfo, Reply
 from services.common.ids import new_request_id
-from services.gateway.batch_db import BatchRow, FileRow, LineRow
+from services.gateway.batch_db import STEP_TIMES, BatchRow, FileRow, LineRow
 from services.gateway.errors import error_body
 
 STATUSES = (
@@ -73,19 +73,7 @@ def batch_object(row: BatchRow, counts: dict[str, int]) -> dict[str, Any]:
         "output_file_id": row.output_file_id,
         "error_file_id": row.error_file_id,
         "created_at": int(row.created_at),
-        **{
-            name: _ts(getattr(row, name))
-            for name in (
-                "in_progress_at",
-                "expires_at",
-                "finalizing_at",
-                "completed_at",
-                "failed_at",
-                "expired_at",
-                "cancelling_at",
-                "cancelled_at",
-            )
-        },
+        **{name: _ts(getattr(row, name)) for name in ("expires_at", *STEP_TIMES)},
         "request_counts": {
             "total": row.total,
             "completed": counts.get("completed", 0),

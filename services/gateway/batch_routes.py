@@ -188,13 +188,6 @@ async def create_batch(request: Request, gw: GatewayDep, principal: PrincipalDep
         error_file_id=None,
         created_at=now,
         expires_at=now + gw.settings.batch_expiry_s,
-        in_progress_at=None,
-        finalizing_at=None,
-        completed_at=None,
-        failed_at=None,
-        expired_at=None,
-        cancelling_at=None,
-        cancelled_at=None,
     )
     await batch_db.insert_batch(gw.engine, row)
     return batch_object(row, {})

@@ -91,12 +91,6 @@ def test_a_batch_object_has_openai_fields_and_counts() -> None:
         created_at=10.5,
         expires_at=100.0,
         in_progress_at=11.0,
-        finalizing_at=None,
-        completed_at=None,
-        failed_at=None,
-        expired_at=None,
-        cancelling_at=None,
-        cancelled_at=None,
     )
     obj = batch_object(batch, {"completed": 2, "failed": 1, "pending": 2})
     assert obj["request_counts"] == {"total": 5, "completed": 2, "failed": 1}
