@@ -37,6 +37,11 @@ SCHEMA = Path(__file__).with_name("compose-spec.json")
 # service -> (CLI command, env prefix, default port)
 FIRST_SERVICES = {
     "gateway": ("gateway", "FIRST_GATEWAY_", GatewaySettings.model_fields["port"].default),
+    "batch-worker": (
+        "batch-worker",
+        "FIRST_GATEWAY_BATCH_WORKER_",
+        GatewaySettings.model_fields["batch_worker_port"].default,
+    ),
     "router": ("router", "FIRST_ROUTER_", RouterSettings.model_fields["port"].default),
     "accounting": (
         "accounting",
@@ -239,10 +244,15 @@ def test_gateway_and_accounting_share_the_postgresql_ledger(
         f"postgresql://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}"
         f"@postgres:5432/{env['POSTGRES_DB']}"
     )
-    for name in ("gateway", "accounting"):
+    for name in ("gateway", "accounting", "batch-worker"):
         assert services[name]["environment"]["FIRST_ACCOUNTING_DATABASE_URL"] == expected
         assert services[name]["depends_on"]["postgres"] == {"condition": "service_healthy"}
     assert services["gateway"]["ports"] == [f"{env['GATEWAY_PORT']}:8000"]
+    # The batch worker reads the files the gateway took and writes the results it serves.
+    for name in ("gateway", "batch-worker"):
+        assert services[name]["environment"]["FIRST_GATEWAY_BATCH_DIR"] == "/data/files"
+        assert services[name]["volumes"] == ["files:/data/files"]
+    assert "files" in project["volumes"]
 
 
 def test_the_gpu_profile_runs_vllm_on_a_gpu_next_to_a_site_agent(
