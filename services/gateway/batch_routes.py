@@ -32,6 +32,8 @@ from services.gateway.principal import Principal
 from services.gateway.routes import GatewayDep, PrincipalDep
 
 router = APIRouter()
+CANCELLABLE = ("validating", "in_progress", "finalizing")
+"""Where OpenAI allows a cancel (a finalizing batch that is cancelled ends `cancelled`)."""
 UPLOAD_SLACK = 64 * 1024
 """Room for the multipart envelope around a file of the largest allowed size."""
 _json = msgspec.json.Encoder()
@@ -226,11 +228,11 @@ async def list_batches(
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, gw: GatewayDep, principal: PrincipalDep) -> dict[str, Any]:
     row = await _own_batch(gw, principal, batch_id)
-    if row.status in ("validating", "in_progress"):
+    if row.status in CANCELLABLE:
         await batch_db.update_batch(
             gw.engine,
             batch_id,
-            only_if=("validating", "in_progress"),
+            only_if=CANCELLABLE,
             status="cancelling",
             cancelling_at=time.time(),
         )
