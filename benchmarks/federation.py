@@ -70,7 +70,7 @@ from services.devstack.stack import StackConfig, service_port  # noqa: E402
 from services.gateway import apikeys  # noqa: E402
 from services.router.policy import POLICIES, Policy  # noqa: E402
 from services.sim_vllm.parsing import CHAT_OVERHEAD, MESSAGE_OVERHEAD  # noqa: E402
-from tests.faults.privates import PrivateRabbit, free_port  # noqa: E402
+from tests.faults.privates import PrivateRabbit, free_port, free_ports  # noqa: E402
 
 MODEL: Final = "sim"  # what overhead.wait_gateway asks for
 PROMPT_TOKENS: Final = 64
@@ -205,7 +205,12 @@ class FederationStack(Stack):
         self.node = node
         if node is not None:
             self.rabbit_url = f"{node.url.rstrip('/')}/{self.vhost}"
-        self.agent_ports = {site.site_id: free_port() for site in self.sites}
+        # All at once: ports taken one by one may repeat (a collision left a service unbound).
+        ports = free_ports(len(self.sites) + 4)
+        self._ports = ports[len(self.sites) :]  # gateway, router, accounting, batch worker
+        self.agent_ports = {
+            site.site_id: port for site, port in zip(self.sites, ports, strict=False)
+        }
         self.database = workdir / "first.db"
 
     async def start(self) -> None:
@@ -221,10 +226,10 @@ class FederationStack(Stack):
             redis_url=self.redis.url,
             database_url=database_url,
             backends={},
-            gateway_port=free_port(),
-            router_port=free_port(),
-            accounting_port=free_port(),
-            batch_worker_port=free_port(),
+            gateway_port=self._ports[0],
+            router_port=self._ports[1],
+            accounting_port=self._ports[2],
+            batch_worker_port=self._ports[3],
             files_dir=str(self.workdir / "files"),
             extra_env={
                 "FIRST_GATEWAY_MODELS": json.dumps([{"name": MODEL}]),

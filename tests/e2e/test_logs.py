@@ -18,6 +18,9 @@ from tests.e2e.conftest import Stack
 
 pytestmark = pytest.mark.vllm
 
+ON_THE_PATH = tuple(s for s in SERVICES if s != "batch_worker")
+"""The services an interactive request passes (the batch worker sees only batch lines)."""
+
 CHAT = "smollm2-135m"
 USER = "researcher"  # the owner of stack.api_key
 
@@ -53,7 +56,7 @@ async def lines_about(
     while True:
         about = {
             service: [line for line in parsed_lines(stack, service) if _about(line, ids)]
-            for service in SERVICES
+            for service in ON_THE_PATH
         }
         missing = [
             (service, rid)

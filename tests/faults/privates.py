@@ -25,6 +25,19 @@ def free_port() -> int:
         return port
 
 
+def free_ports(n: int) -> list[int]:
+    """Return `n` distinct free ports: all bound at once, so no two calls hand out the same
+    one (separate free_port() calls may, once the first socket is closed)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def wait_port(port: int, timeout_s: float, up: bool = True) -> None:
     """Wait until 127.0.0.1:port accepts connections (or, with up=False, refuses them)."""
     deadline = time.monotonic() + timeout_s
