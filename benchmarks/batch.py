@@ -54,9 +54,8 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 
 from benchmarks.federation import FederationStack, Sims, Site  # noqa: E402
-from benchmarks.overhead import Client, fmt, pct, wait_gateway  # noqa: E402
+from benchmarks.overhead import Client, fmt, pct, run_benchmark, wait_gateway  # noqa: E402
 from services.devstack.client import Outcome, stream  # noqa: E402
-from services.devstack.procs import StartupError  # noqa: E402
 from services.gateway import apikeys  # noqa: E402
 from services.sim_vllm.parsing import CHAT_OVERHEAD, MESSAGE_OVERHEAD  # noqa: E402
 from tests.faults.privates import PrivateRabbit  # noqa: E402
@@ -459,15 +458,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.lines < 20 or args.interactive < 2:
         parser.error("--lines must be at least 20 and --interactive at least 2")
-    try:
-        result = asyncio.run(
-            run(args.lines, args.interactive, args.seed, args.shared_rabbit, args.scenarios)
-        )
-    except StartupError as exc:
-        raise SystemExit(f"the stack did not start: {exc}") from exc
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    run_benchmark(
+        run(args.lines, args.interactive, args.seed, args.shared_rabbit, args.scenarios), args.json
+    )
 
 
 if __name__ == "__main__":

@@ -62,10 +62,11 @@ from benchmarks.overhead import (  # noqa: E402
     fmt,
     number,
     pct,
+    run_benchmark,
     wait_gateway,
 )
 from services.devstack.client import Outcome, stream  # noqa: E402
-from services.devstack.procs import Proc, ProcessGroup, StartupError  # noqa: E402
+from services.devstack.procs import Proc, ProcessGroup  # noqa: E402
 from services.devstack.stack import StackConfig, service_port  # noqa: E402
 from services.gateway import apikeys  # noqa: E402
 from services.router.policy import POLICIES, Policy  # noqa: E402
@@ -773,13 +774,7 @@ def main() -> None:
             "FIRST_SITE_AGENT_CLAIM_TTL_S": str(args.site_ttl_s),
             "FIRST_SITE_AGENT_HEARTBEAT_INTERVAL_S": str(args.site_ttl_s / 4),
         }
-    try:
-        result = asyncio.run(run(policies, requests, args.seed, env, args.shared_rabbit))
-    except StartupError as exc:
-        raise SystemExit(f"the stack did not start: {exc}") from exc
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    run_benchmark(run(policies, requests, args.seed, env, args.shared_rabbit), args.json)
 
 
 if __name__ == "__main__":

@@ -1068,6 +1068,22 @@ def report(
     }
 
 
+def run_benchmark(
+    work: Awaitable[dict[str, Any]],
+    json_path: Path | None,
+    runner: Callable[[Any], Any] = asyncio.run,
+) -> None:
+    """Run a benchmark's coroutine; a stack that did not start is a clear exit, and the
+    result goes to `json_path` when given (every benchmark's end)."""
+    try:
+        result = runner(work)
+    except StartupError as exc:
+        raise SystemExit(f"the stack did not start: {exc}") from exc
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {json_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts (a smoke test, < 90 s)")
@@ -1088,13 +1104,7 @@ def main() -> None:
         runner: Callable[[Any], Any] = uvloop.run
     except ImportError:
         runner = asyncio.run
-    try:
-        result = runner(run(plan, args.profile))
-    except StartupError as exc:
-        raise SystemExit(f"the stack did not start: {exc}") from exc
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    run_benchmark(run(plan, args.profile), args.json, runner)
 
 
 if __name__ == "__main__":
