@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
+import pytest
 from faststream.rabbit import RabbitBroker
 from redis.asyncio import Redis
 
@@ -24,6 +25,13 @@ from services.router.registry import Registry
 from services.router.settings import Settings
 from tests.router.test_router import beat, submit, take
 from tests.site_agent.helpers import make_request, queue_depth, read_stream, unique, wait_for
+
+
+@pytest.fixture(scope="module")
+def rabbit_url(new_rabbit_url: Callable[[], str]) -> str:
+    """A vhost of this module's own: no other module's router consumes its batch queue, and
+    no other test's leftover lines reach its routers."""
+    return new_rabbit_url()
 
 
 @asynccontextmanager
