@@ -46,6 +46,13 @@ REQUEST_ROUTING_KEY: Final = "request.new"
 """What the gateway publishes an interactive RunInference to `first.requests` with."""
 BATCH_REQUEST_ROUTING_KEY: Final = "request.batch"
 """What the batch worker publishes a batch line's RunInference to `first.requests` with."""
+
+
+def request_routing_key(priority: str) -> str:
+    """Return the routing key on first.requests of a request at `priority`."""
+    return BATCH_REQUEST_ROUTING_KEY if priority == "batch" else REQUEST_ROUTING_KEY
+
+
 INGRESS_ROUTING_KEY: Final = "ingress.request"
 """What a direct producer publishes an `IngressRequest` to `first.ingress` with."""
 USAGE_ROUTING_KEY: Final = "usage.recorded"

@@ -176,7 +176,7 @@ class BatchWorker:
             self.broker,
             job,
             exchange=topology.REQUESTS,
-            routing_key=names.BATCH_REQUEST_ROUTING_KEY,
+            routing_key=names.request_routing_key(job.priority),
             timeout=self.settings.publish_timeout_s,
             message_id=job.request_id,
         )

@@ -156,7 +156,7 @@ async def _publish(gw: Gateway, job: RunInference) -> None:
             gw.broker,
             job,
             exchange=topology.REQUESTS,
-            routing_key=names.REQUEST_ROUTING_KEY,
+            routing_key=names.request_routing_key(job.priority),
             timeout=gw.settings.publish_timeout_s,
             message_id=job.request_id,
         )
