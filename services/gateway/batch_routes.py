@@ -27,7 +27,7 @@ from services.gateway.batch_objects import (
     new_file_id,
 )
 from services.gateway.errors import InvalidRequest, NotFound
-from services.gateway.filestore import DirectoryStore
+from services.gateway.filestore import FileStore
 from services.gateway.principal import Principal
 from services.gateway.routes import GatewayDep, PrincipalDep
 
@@ -39,8 +39,8 @@ UPLOAD_SLACK = 64 * 1024
 _json = msgspec.json.Encoder()
 
 
-def _store(request: Request) -> DirectoryStore:
-    store: DirectoryStore = request.app.state.file_store
+def _store(request: Request) -> FileStore:
+    store: FileStore = request.app.state.file_store
     return store
 
 

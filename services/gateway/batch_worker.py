@@ -57,9 +57,9 @@ class BatchWorker:
     engine: AsyncEngine
     store: FileStore
 
-    @property
-    def catalogue(self) -> dict[str, CatalogueModel]:
-        return {m.name: m for m in self.settings.models}
+    def __post_init__(self) -> None:
+        # Built once: every published line looks its model up here.
+        self.catalogue: dict[str, CatalogueModel] = {m.name: m for m in self.settings.models}
 
     async def round(self) -> None:
         """Take every open batch one step, then sweep lines that waited long for a reply."""
