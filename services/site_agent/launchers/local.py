@@ -108,7 +108,16 @@ class LocalLauncher(ScriptLauncher):
     async def alive(self, record: InstanceRecord) -> bool:
         """Tell whether the instance's process runs: not a zombie, and not a reused pid."""
         pid = int(record.job_id)
-        if process_state(pid) not in ("", "Z", "X") and runs_instance(pid, record.instance_id):
+        state = process_state(pid)
+        child = self._children.get(pid)
+        if child is not None:
+            # Our own unreaped child cannot have had its pid reused, so /proc's environment
+            # need not vouch for it; nor could it just after the spawn: a vfork parent wakes
+            # when the child's new memory is installed, a moment before the kernel sets up
+            # the environment and command line in it, and /proc shows them empty until then.
+            if child.poll() is None and state not in ("", "Z", "X"):
+                return True
+        elif state not in ("", "Z", "X") and runs_instance(pid, record.instance_id):
             return True
         # Gone, a zombie, or exiting (its environment already torn down): collect it if ours.
         await self._reap(pid)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.site_agent.launchers import InstanceRecord, probe_instance
+from services.site_agent.launchers import InstanceRecord, local, probe_instance
 from services.site_agent.launchers.local import LocalLauncher
 from services.site_agent.siteconfig import LauncherConfig
 from tests.site_agent.launchers.conftest import (
@@ -93,6 +93,20 @@ async def test_recover_does_not_take_a_reused_pid_for_an_instance(
     assert not await launcher.alive(stale)
     assert await launcher.recover() == []
     assert launcher.saved() == []
+
+
+async def test_an_instance_just_started_is_alive_before_proc_names_it(
+    launcher: LocalLauncher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Just after the spawn the kernel shows the child's environment and command line empty
+    # for a moment (CI saw `alive` false right after `start`); pin that moment open.
+    monkeypatch.setattr(local, "runs_instance", lambda pid, instance_id: False)
+    record = await launcher.start(sim_spec(("sleep", "60")))
+
+    assert await launcher.alive(record), "our own unreaped child needs no /proc evidence"
+
+    await launcher.stop(record)
+    assert not await launcher.alive(record)
 
 
 async def test_stop_kills_an_instance_that_ignores_sigterm(launcher: LocalLauncher) -> None:
