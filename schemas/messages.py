@@ -118,8 +118,13 @@ class SiteHeartbeat(Message, tag=True, frozen=True, kw_only=True):
     site_id: str
     agent_id: str
     sent_at: float
+    """The agent's clock; a router clamps it to its own clock's skew window on receipt."""
     interval_s: float
     models: tuple[ModelStatus, ...] = ()
+    received_at: float = 0.0
+    """When a router received it (the router's clock), stamped by that router before it keeps
+    or mirrors it; 0 as an agent sends it. Liveness is judged by it, never by `sent_at`: a
+    heartbeat dated in the future must not keep a site live."""
 
 
 class StartModel(Message, tag=True, frozen=True, kw_only=True):

@@ -10,10 +10,17 @@ The topology (see DESIGN.md):
     first.heartbeats (fanout)-> one exclusive queue per router replica
     first.usage     (topic)  -> first.accounting.usage       site agents -> accounting
     first.dead      (fanout) -> first.dead                   RabbitMQ (dead letters)
+    first.replies   (topic)  -> first.batch.results          site agents, router -> batch worker
+                             -> first.reply.<user>.<name>    site agents, router -> producer
+                                (each reply queue bound by its own name: `reply_routing_key`)
+
+Nobody but the topology administrator writes the default exchange: with it, a component could
+put a message into any queue by name.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Final, Literal
 
@@ -28,6 +35,9 @@ CONTROL_EXCHANGE: Final = "first.control"
 HEARTBEATS_EXCHANGE: Final = "first.heartbeats"
 USAGE_EXCHANGE: Final = "first.usage"
 DEAD_EXCHANGE: Final = "first.dead"
+REPLIES_EXCHANGE: Final = "first.replies"
+"""Where every `Reply` goes (routing key: the reply queue's name). A topic exchange, so that
+RabbitMQ's topic permissions can confine each producer to binding keys under its own prefix."""
 
 # Queues
 ROUTER_REQUESTS_QUEUE: Final = "first.router.requests"
@@ -37,7 +47,7 @@ ROUTER_BATCH_QUEUE: Final = "first.router.batch"
 never stands in front of an interactive request in `first.router.requests`."""
 BATCH_RESULTS_QUEUE: Final = "first.batch.results"
 """Where site agents (and the router, for refusals) send the `Reply` of every batch line (the
-lines' `reply_to`), through the default exchange; the batch worker consumes it."""
+lines' `reply_to`), through `REPLIES_EXCHANGE`; the batch worker consumes it."""
 ACCOUNTING_USAGE_QUEUE: Final = "first.accounting.usage"
 DEAD_QUEUE: Final = "first.dead"
 
@@ -87,9 +97,25 @@ def site_control_routing_key(site_id: str) -> str:
     return f"control.{site_id}"
 
 
+NAME_PATTERN: Final = r"[A-Za-z0-9_-]+"
+"""What a site id, a producer name and a RabbitMQ user that names queues may be made of: no
+`.`, which separates the words of queue names and routing keys (with one, user `lab`'s reply
+prefix `first.reply.lab.` would also cover user `lab.x`'s queues), and no topic wildcard."""
+
+
+def is_plain_name(name: str) -> bool:
+    """Tell whether `name` matches NAME_PATTERN (whole)."""
+    return re.fullmatch(NAME_PATTERN, name) is not None
+
+
 def reply_queue_prefix(amqp_user: str) -> str:
     """Return the prefix of the reply queues a producer's RabbitMQ user may name and read."""
     return f"first.reply.{amqp_user}."
+
+
+def reply_routing_key(reply_queue: str) -> str:
+    """Return the routing key on `REPLIES_EXCHANGE` that reaches `reply_queue` (its name)."""
+    return reply_queue
 
 
 def heartbeat_queue(router_instance: str) -> str:

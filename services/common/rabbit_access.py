@@ -4,26 +4,42 @@ RabbitMQ checks three regular expressions per user and vhost (its access-control
 *configure* (declare or delete a queue or exchange), *write* (publish to an exchange; bind a
 queue, which also needs *read* on the exchange) and *read* (consume from a queue; bind from an
 exchange). Passive declares need nothing, and publishing to the default exchange is a write
-to the resource `amq.default`. So an operator declares the whole topology once with an
-administrator (`first rabbit setup`, below), and every service then runs with
-`FIRST_DECLARE_TOPOLOGY=false` and a user that can touch only its own queues and exchanges:
+to the resource `amq.default`. On a topic exchange, *topic permissions* (two more regular
+expressions per exchange) limit the routing keys a user may publish with (write) and bind
+with (read); a user without topic permissions on an exchange is not limited there. So an
+operator declares the whole topology once with an administrator (`first rabbit setup`,
+below), and every service then runs with `FIRST_DECLARE_TOPOLOGY=false` and a user that can
+touch only its own queues and exchanges:
 
 - gateway (and the batch worker): write first.requests; read first.batch.results.
 - router: configure its own heartbeat and usage queues; write first.sites, first.control,
-  first.dead, amq.default (replies) and its heartbeat and usage queues (to bind them); read
+  first.dead, first.replies and its heartbeat and usage queues (to bind them); read
   first.router.requests, first.router.batch, first.router.ingress, first.dead,
   first.heartbeats and first.usage (to bind from them), its heartbeat and usage queues, and
   every site's interactive and batch queues (to move work off a site that died).
 - accounting: read first.accounting.usage.
-- site agent of S: write first.usage, first.heartbeats, amq.default (replies); read
+- site agent of S: write first.usage, first.heartbeats, first.replies; read
   first.site.S.interactive, first.site.S.batch, first.site.S.control.
-- producer P: configure, read first.reply.P.*; write first.ingress.
+- producer P: configure, write (to bind them) and read first.reply.P.*; write first.ingress;
+  read first.replies (to bind from it), with topic permissions there that let it bind only
+  routing keys under `first.reply.P.` (and publish none).
 
-A producer's reply queues carry its RabbitMQ user name (`names.reply_queue_prefix`): the
-router accepts a `reply_to` only under the publisher's own prefix (RabbitMQ vouches for the
-publisher through the `user_id` property), so nobody can have results sent to, or read from,
-another producer's queue. Site queues are declared by the setup (a site agent cannot declare
-queues); adding a site is one more `--site` on a rerun of the setup.
+Nobody but the administrator writes `amq.default`: with it a component could publish into any
+queue by name (another site's work or control, a producer's replies, the batch results, the
+dead letters). Replies travel through `first.replies` instead, each reply queue bound by its
+own name. A producer's reply queues carry its RabbitMQ user name (`names.reply_queue_prefix`):
+the router accepts a `reply_to` only under the publisher's own prefix (RabbitMQ vouches for the
+publisher through the `user_id` property), and its topic permission lets it bind only keys
+under that prefix, so nobody can have results sent to, or read from, another producer's queue.
+Site ids, producer names and the user prefix are plain names (`names.NAME_PATTERN`, no `.`):
+one user's prefix is then never a prefix of another's.
+
+Who may *send* what is checked by the consumers through the `user_id` property: the router
+serves `first.requests` only from gateways (`FIRST_ROUTER_REQUEST_PUBLISHERS`) and a
+heartbeat only from its own site's user (`FIRST_ROUTER_SITE_USER_PREFIX` + site id); a site
+agent takes work and control only from routers (`FIRST_SITE_AGENT_ROUTER_USERS`). The setup
+prints these settings for every component. Site queues are declared by the setup (a site
+agent cannot declare queues); adding a site is one more `--site` on a rerun of the setup.
 """
 
 from __future__ import annotations
@@ -32,7 +48,7 @@ import json
 import re
 import secrets
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import httpx
@@ -48,6 +64,20 @@ _HEARTBEAT_QUEUE_PREFIX = names.heartbeat_queue("")
 _ROUTER_USAGE_QUEUE_PREFIX = names.router_usage_queue("")
 
 
+SITE_USER_INFIX: str = "site-"
+"""A site's user is `<prefix>site-<site id>`: the router's FIRST_ROUTER_SITE_USER_PREFIX is
+`<prefix>site-`."""
+
+
+@dataclass(frozen=True)
+class TopicGrant:
+    """One user's topic permissions on one topic exchange (routing keys, regular expressions)."""
+
+    exchange: str
+    write: str
+    read: str
+
+
 @dataclass(frozen=True)
 class Grant:
     """One user's permissions on one vhost (anchored regular expressions)."""
@@ -58,6 +88,21 @@ class Grant:
     write: str
     read: str
     site_id: str | None = None
+    topics: tuple[TopicGrant, ...] = ()
+    producer: str | None = None
+    """A producer's name (as given to the setup), which labels its env lines."""
+
+    @property
+    def label(self) -> str:
+        """Return how the setup's output names this user's component ("site s1", "router")."""
+        subject = self.site_id or self.producer
+        return f"{self.role} {subject}" if subject else self.role
+
+
+def check_plain(what: str, name: str) -> None:
+    """Raise ValueError unless `name` is a plain name (no `.`: see names.NAME_PATTERN)."""
+    if not names.is_plain_name(name):
+        raise ValueError(f"{what} {name!r} must match {names.NAME_PATTERN} (no '.')")
 
 
 def _exact(name: str) -> str:
@@ -75,6 +120,7 @@ def _any(*fragments: str) -> str:
 
 def grant_for(role: Role, user: str, site_id: str | None = None) -> Grant:
     """Return the least permissions `role` needs (pure: the table in this module's docstring)."""
+    check_plain("user", user)
     if role == "gateway":
         return Grant(
             user,
@@ -86,7 +132,12 @@ def grant_for(role: Role, user: str, site_id: str | None = None) -> Grant:
     if role == "router":
         beats = _prefixed(_HEARTBEAT_QUEUE_PREFIX)
         usage = _prefixed(_ROUTER_USAGE_QUEUE_PREFIX)
-        write = (names.SITES_EXCHANGE, names.CONTROL_EXCHANGE, names.DEAD_EXCHANGE)
+        write = (
+            names.SITES_EXCHANGE,
+            names.CONTROL_EXCHANGE,
+            names.DEAD_EXCHANGE,
+            names.REPLIES_EXCHANGE,
+        )
         read = (
             names.ROUTER_REQUESTS_QUEUE,
             names.ROUTER_BATCH_QUEUE,
@@ -101,7 +152,7 @@ def grant_for(role: Role, user: str, site_id: str | None = None) -> Grant:
             user,
             role,
             _any(beats, usage),
-            _any(*map(_exact, (*write, DEFAULT_EXCHANGE)), beats, usage),
+            _any(*map(_exact, write), beats, usage),
             _any(
                 *map(_exact, (*read, names.HEARTBEATS_EXCHANGE, names.USAGE_EXCHANGE)),
                 beats,
@@ -114,20 +165,47 @@ def grant_for(role: Role, user: str, site_id: str | None = None) -> Grant:
     if role == "site":
         if not site_id:
             raise ValueError("a site agent's grant needs its site id")
+        check_plain("site id", site_id)
         queues = [names.site_queue(site_id, p) for p in names.PRIORITIES]
         queues.append(names.site_control_queue(site_id))
-        write = (names.USAGE_EXCHANGE, names.HEARTBEATS_EXCHANGE, DEFAULT_EXCHANGE)
+        site_writes = (names.USAGE_EXCHANGE, names.HEARTBEATS_EXCHANGE, names.REPLIES_EXCHANGE)
         readable = _any(*map(_exact, queues))
-        return Grant(user, role, "^$", _any(*map(_exact, write)), readable, site_id)
+        return Grant(user, role, "^$", _any(*map(_exact, site_writes)), readable, site_id)
     replies = _prefixed(names.reply_queue_prefix(user))
-    return Grant(user, role, _any(replies), _any(_exact(names.INGRESS_EXCHANGE)), _any(replies))
+    # Binding its queues to first.replies needs write on them and read on the exchange; the
+    # topic permission keeps the binding keys under its own prefix (RabbitMQ checks it on bind).
+    own_keys = TopicGrant(
+        names.REPLIES_EXCHANGE, "^$", "^" + re.escape(names.reply_queue_prefix(user))
+    )
+    return Grant(
+        user,
+        role,
+        _any(replies),
+        _any(_exact(names.INGRESS_EXCHANGE), replies),
+        _any(replies, _exact(names.REPLIES_EXCHANGE)),
+        topics=(own_keys,),
+    )
+
+
+def site_user(prefix: str, site_id: str) -> str:
+    """Return the RabbitMQ user of site `site_id`'s agents."""
+    return f"{prefix}{SITE_USER_INFIX}{site_id}"
 
 
 def plan(prefix: str, sites: list[str], producers: list[str]) -> list[Grant]:
-    """Return one deployment's grants: gateway, router, accounting, each site and producer."""
+    """Return one deployment's grants: gateway, router, accounting, each site and producer.
+
+    Raises ValueError for a site id, producer name or prefix that is not a plain name.
+    """
+    check_plain("user prefix", prefix)
+    for producer in producers:
+        check_plain("producer name", producer)
     grants = [grant_for(role, f"{prefix}{role}") for role in ("gateway", "router", "accounting")]
-    grants += [grant_for("site", f"{prefix}site-{site}", site) for site in sites]
-    grants += [grant_for("producer", f"{prefix}producer-{name}") for name in producers]
+    grants += [grant_for("site", site_user(prefix, site), site) for site in sites]
+    grants += [
+        replace(grant_for("producer", f"{prefix}producer-{name}"), producer=name)
+        for name in producers
+    ]
     return grants
 
 
@@ -183,10 +261,20 @@ class ManagementApi:
         body = {"password": password, "tags": ""}
         self._check(self._http.put(f"/users/{urllib.parse.quote(user, safe='')}", json=body), user)
 
+    def permit_all(self, user: str) -> None:
+        """Give `user` (the administrator running the setup) every permission on the vhost."""
+        body = {"configure": ".*", "write": ".*", "read": ".*"}
+        path = f"/permissions/{self._vhost}/{urllib.parse.quote(user, safe='')}"
+        self._check(self._http.put(path, json=body), f"permissions of {user}")
+
     def put_permissions(self, grant: Grant) -> None:
         body = {"configure": grant.configure, "write": grant.write, "read": grant.read}
         path = f"/permissions/{self._vhost}/{urllib.parse.quote(grant.user, safe='')}"
         self._check(self._http.put(path, json=body), f"permissions of {grant.user}")
+        for topic in grant.topics:
+            body = {"exchange": topic.exchange, "write": topic.write, "read": topic.read}
+            path = f"/topic-permissions/{self._vhost}/{urllib.parse.quote(grant.user, safe='')}"
+            self._check(self._http.put(path, json=body), f"topic permissions of {grant.user}")
 
 
 def apply(api: ManagementApi, grants: list[Grant], *, rotate: bool = False) -> list[Account]:
@@ -206,31 +294,50 @@ def apply(api: ManagementApi, grants: list[Grant], *, rotate: bool = False) -> l
     return accounts
 
 
-def env_for(admin_url: str, account: Account, gateways: list[str]) -> dict[str, str]:
-    """Return the environment a component runs with (empty if its password was not issued)."""
+@dataclass(frozen=True)
+class Peers:
+    """Who each component must trust, by RabbitMQ user (printed into their settings)."""
+
+    gateways: list[str]
+    routers: list[str]
+    site_user_prefix: str
+
+
+def env_for(admin_url: str, account: Account, peers: Peers) -> dict[str, str]:
+    """Return the environment a component runs with (its URL only if its password was issued)."""
     grant = account.grant
-    if account.password is None:
-        return {}
-    env = {"FIRST_RABBIT_URL": user_url(admin_url, grant.user, account.password)}
+    env = {}
+    if account.password is not None:
+        env["FIRST_RABBIT_URL"] = user_url(admin_url, grant.user, account.password)
     if grant.role != "producer":
         env["FIRST_DECLARE_TOPOLOGY"] = "false"
     if grant.role == "router":
-        env["FIRST_ROUTER_REQUEST_PUBLISHERS"] = json.dumps(gateways)
+        env["FIRST_ROUTER_REQUEST_PUBLISHERS"] = json.dumps(peers.gateways)
+        env["FIRST_ROUTER_SITE_USER_PREFIX"] = peers.site_user_prefix
     if grant.role == "site" and grant.site_id:
         env["FIRST_SITE_AGENT_SITE_ID"] = grant.site_id
+        env["FIRST_SITE_AGENT_ROUTER_USERS"] = json.dumps(peers.routers)
     return env
 
 
-def env_lines(admin_url: str, accounts: list[Account]) -> list[str]:
+def envs(
+    admin_url: str, accounts: list[Account], prefix: str
+) -> list[tuple[Grant, dict[str, str]]]:
+    """Return each account's grant and environment (see `env_for`)."""
+    peers = Peers(
+        gateways=[a.grant.user for a in accounts if a.grant.role == "gateway"],
+        routers=[a.grant.user for a in accounts if a.grant.role == "router"],
+        site_user_prefix=site_user(prefix, ""),
+    )
+    return [(a.grant, env_for(admin_url, a, peers)) for a in accounts]
+
+
+def env_lines(admin_url: str, accounts: list[Account], prefix: str) -> list[str]:
     """Return, per account, its environment as lines (passwords appear once: when issued)."""
     lines = []
-    gateways = [a.grant.user for a in accounts if a.grant.role == "gateway"]
-    for account in accounts:
-        grant = account.grant
-        label = f"{grant.role} {grant.site_id}" if grant.site_id else grant.role
-        lines.append(f"# {label}: user {grant.user}")
-        env = env_for(admin_url, account, gateways)
-        if not env:
+    for (grant, env), account in zip(envs(admin_url, accounts, prefix), accounts, strict=True):
+        lines.append(f"# {grant.label}: user {grant.user}")
+        if account.password is None:
             lines.append("#   password unchanged (rerun with --rotate to issue a new one)")
         lines.extend(f"{name}={value}" for name, value in env.items())
     return lines

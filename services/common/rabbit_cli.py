@@ -69,7 +69,11 @@ def setup(
 ) -> None:
     """Declare every exchange and queue, and make the users gateway, router, accounting,
     site-<id> and producer-<name> with the least permissions each needs; print their env."""
-    grants = plan(prefix, site, producer)
+    try:
+        grants = plan(prefix, site, producer)
+    except ValueError as exc:
+        typer.echo(f"rabbit setup: {exc}", err=True)
+        raise typer.Exit(2) from None
     parts = urllib.parse.urlsplit(admin_url)
     auth = (
         urllib.parse.unquote(parts.username or "guest"),
@@ -84,7 +88,7 @@ def setup(
     except (SetupError, httpx.HTTPError, OSError, TimeoutError) as exc:
         typer.echo(f"rabbit setup failed: {exc}", err=True)
         raise typer.Exit(1) from None
-    text = "\n".join(env_lines(admin_url, accounts)) + "\n"
+    text = "\n".join(env_lines(admin_url, accounts, prefix)) + "\n"
     if out is None:
         typer.echo(text, nl=False)
     else:

@@ -2,9 +2,10 @@
 
 The stream stays the source of truth (the gateway and `Producer.result` read it); a reply is
 a copy made when the stream has its Final, by whoever wrote that Final (the site agent, or
-the router when it refuses or dead-letters a request). It goes through the default exchange
-to the queue named in `reply_to` — which the router checked belongs to the producer's own
-RabbitMQ user — mandatory and confirmed. A queue that does not exist (the producer deleted
+the router when it refuses or dead-letters a request). It goes through `first.replies`, routed
+by the name in `reply_to` (which the router checked belongs to the producer's own RabbitMQ
+user, and which only that producer may bind), mandatory and confirmed — never through the
+default exchange, which no service may write. A queue that does not exist (the producer deleted
 it) is logged and skipped: nobody is waiting there, and retrying would not make it exist.
 """
 
@@ -15,18 +16,16 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from aio_pika.exceptions import DeliveryError
-from faststream.rabbit import RabbitBroker, RabbitExchange
+from faststream.rabbit import RabbitBroker
 from redis.asyncio import Redis
 
 from schemas import names
 from schemas.codec import DecodeError, record_decoder
 from schemas.records import AnyRecord, Chunk, ErrorInfo, Failure, Final, Reply, Response, Usage
+from services.common import topology
 from services.common.broker import publish
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_EXCHANGE = RabbitExchange("")
-"""Routes by queue name; publishing to it needs write on `amq.default` only."""
 
 
 def fold(request_id: str, records: Iterable[AnyRecord]) -> Reply | None:
@@ -79,7 +78,7 @@ async def read_reply(redis: Redis, request_id: str) -> Reply | None:
 
 
 async def send_reply(broker: RabbitBroker, reply_to: str, reply: Reply, timeout_s: float) -> bool:
-    """Publish `reply` to the queue `reply_to` (confirmed); False if that queue does not exist.
+    """Publish `reply` to the queue `reply_to` (confirmed); False if no such queue is bound.
 
     Raises what `services.common.broker.publish` raises for a broker that did not confirm.
     """
@@ -87,8 +86,8 @@ async def send_reply(broker: RabbitBroker, reply_to: str, reply: Reply, timeout_
         await publish(
             broker,
             reply,
-            exchange=DEFAULT_EXCHANGE,
-            routing_key=reply_to,
+            exchange=topology.REPLIES,
+            routing_key=names.reply_routing_key(reply_to),
             timeout=timeout_s,
             message_id=reply.request_id,
         )
@@ -96,7 +95,7 @@ async def send_reply(broker: RabbitBroker, reply_to: str, reply: Reply, timeout_
         if exc.frame is None or getattr(exc.frame, "reply_code", None) != 312:  # 312: NO_ROUTE
             raise
         logger.warning(
-            "reply queue %s does not exist; reply of %s dropped", reply_to, reply.request_id
+            "reply queue %s is not bound; reply of %s dropped", reply_to, reply.request_id
         )
         return False
     return True

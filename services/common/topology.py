@@ -33,6 +33,7 @@ INGRESS = _topic(names.INGRESS_EXCHANGE)
 SITES = _topic(names.SITES_EXCHANGE)
 CONTROL = _topic(names.CONTROL_EXCHANGE)
 USAGE = _topic(names.USAGE_EXCHANGE)
+REPLIES = _topic(names.REPLIES_EXCHANGE)
 HEARTBEATS = RabbitExchange(names.HEARTBEATS_EXCHANGE, type=ExchangeType.FANOUT, durable=True)
 HEARTBEATS_EXISTING = RabbitExchange(
     names.HEARTBEATS_EXCHANGE, type=ExchangeType.FANOUT, durable=True, declare=False
@@ -85,10 +86,8 @@ _CORE_BINDINGS: Final = (
     (REQUESTS, ROUTER_BATCH, names.BATCH_REQUEST_ROUTING_KEY),
     (INGRESS, ROUTER_INGRESS, "ingress.#"),
     (USAGE, ACCOUNTING_USAGE, USAGE_BINDING_KEY),
+    (REPLIES, BATCH_RESULTS, names.reply_routing_key(names.BATCH_RESULTS_QUEUE)),
 )
-
-_DEFAULT_EXCHANGE_QUEUES: Final = (BATCH_RESULTS,)
-"""Queues reached through the default exchange, by name (no binding to declare)."""
 
 
 def site_queues(site_id: str) -> list[tuple[RabbitExchange, RabbitQueue, str]]:
@@ -104,7 +103,7 @@ def site_queues(site_id: str) -> list[tuple[RabbitExchange, RabbitQueue, str]]:
 
 async def declare_topology(broker: RabbitBroker, *, site_id: str | None = None) -> None:
     """Declare the core exchanges, queues and bindings (and one site's, if given)."""
-    for exchange in (REQUESTS, INGRESS, SITES, CONTROL, USAGE, HEARTBEATS, DEAD):
+    for exchange in (REQUESTS, INGRESS, SITES, CONTROL, USAGE, HEARTBEATS, DEAD, REPLIES):
         await broker.declare_exchange(exchange)
     bindings = list(_CORE_BINDINGS)
     if site_id is not None:
@@ -121,8 +120,6 @@ async def declare_topology(broker: RabbitBroker, *, site_id: str | None = None) 
         for exchange, queue, routing_key in bindings:
             declared = await _declare(channel, queue)
             await declared.bind(exchange.name, routing_key=routing_key)
-        for queue in _DEFAULT_EXCHANGE_QUEUES:
-            await _declare(channel, queue)
     finally:
         await channel.close()
 

@@ -16,8 +16,10 @@ import httpx
 
 from services.common.db import make_engine
 from services.common.logging import configure_logging
+from services.common.rabbit_access import SetupError
 from services.common.settings import CommonSettings
 from services.devstack.procs import REPO, ProcessGroup, StartupError
+from services.devstack.rabbit import dev_rabbit_users
 from services.devstack.stack import StackConfig, default_backends, start_backends, start_services
 from services.gateway import apikeys
 
@@ -108,6 +110,8 @@ def main() -> None:
         logger.info("starting vLLM-CPU backends (about 40 s); logs in %s", group.log_dir)
         start_backends(group, backends)
         start_fake_globus(group, globus_url, globus_secret)
+        rabbit_env = state / "rabbit.env"
+        config.service_env = dev_rabbit_users(common.rabbit_url, config.site_id, rabbit_env)
         start_services(group, config)
         token = mint_demo_token(globus_url)
         key = asyncio.run(_dev_key(database_url, _previous_key(state / "dev.env")))
@@ -127,6 +131,9 @@ def main() -> None:
         logger.info("stopping")
     except StartupError as exc:
         logger.error("%s", exc)
+        raise SystemExit(1) from exc
+    except (SetupError, httpx.HTTPError, TimeoutError) as exc:
+        logger.error("cannot set up the RabbitMQ users (is the management API up?): %s", exc)
         raise SystemExit(1) from exc
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -18,11 +18,15 @@ logger = logging.getLogger(__name__)
 def serving_sites(
     sites: list[SiteHeartbeat], model: str, now: float, ttl_s: float, allowed: list[str]
 ) -> list[SiteHeartbeat]:
-    """Return the live sites that list `model` (any state) and may serve it."""
+    """Return the live sites that list `model` (any state) and may serve it.
+
+    Live by the time the router received the site's heartbeat (the router's clock), as the
+    router judges it; never by `sent_at`, the site's own clock.
+    """
     return [
         site
         for site in sites
-        if now - site.sent_at < ttl_s
+        if now - site.received_at < ttl_s
         and (not allowed or site.site_id in allowed)
         and any(m.model == model for m in site.models)
     ]

@@ -13,10 +13,12 @@ Results come one of two ways:
 - from each request's Redis stream, which only the holder of the id can find (the Redis user
   needs read access to `first:stream:*` only); or
 - with `reply_queue="name"`, from a queue of the producer's own, `first.reply.<its RabbitMQ
-  user>.name` (declared here, durable): every request's `Reply` arrives there, refusals
-  included, and no Redis is needed at all. Replies come at least once; the first per request
-  id counts. The RabbitMQ user needs write permission on `first.ingress`, and configure and
-  read on its `first.reply.<user>.*` queues (`first rabbit setup --producer NAME` grants it).
+  user>.name` (declared here, durable, bound to `first.replies` by its own name): every
+  request's `Reply` arrives there, refusals included, and no Redis is needed at all. Replies
+  come at least once; the first per request id counts. The RabbitMQ user needs write
+  permission on `first.ingress`, configure, write and read on its `first.reply.<user>.*`
+  queues, read on `first.replies`, and topic permission to bind only keys under its own
+  prefix (`first rabbit setup --producer NAME` grants all of it).
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ class Producer:
             queue = await self._channel.declare_queue(
                 self.reply_to, durable=True, arguments={"x-queue-type": "quorum"}, timeout=10
             )
+            # Replies reach it through first.replies by its name (the default exchange is
+            # closed to every service); only this producer may bind keys under its prefix.
+            replies = await self._channel.get_exchange(names.REPLIES_EXCHANGE, ensure=False)
+            key = names.reply_routing_key(self.reply_to)
+            await queue.bind(replies, routing_key=key, timeout=10)
             await queue.consume(self._on_reply, timeout=10)
         return self
 

@@ -102,7 +102,7 @@ def create_app(settings: Settings, access: GatewaySettings | None = None) -> Fas
     access = access or GatewaySettings()
     broker = make_broker(settings.rabbit_url, prefetch=settings.prefetch)
     redis = make_redis(settings.redis_url)
-    registry = Registry(redis, settings.site_ttl_s)
+    registry = Registry(redis, settings.site_ttl_s, skew_s=settings.heartbeat_skew_s)
     engine = make_engine(access.database_url)
     admission = Admission(
         authenticator=Authenticator(

@@ -19,7 +19,7 @@ from schemas.codec import DecodeError, run_inference_decoder
 from schemas.messages import RunInference
 from schemas.records import Final
 from services.common import replies, streams
-from services.common.broker import PUBLISH_ERRORS
+from services.common.broker import PUBLISH_ERRORS, amqp_user
 from services.common.logging import request_id_var, site_id_var, user_id_var
 from services.router import errors, metrics
 from services.router.handlers import Deps
@@ -63,6 +63,11 @@ async def handle_dead(msg: RabbitMessage, deps: Deps) -> None:
         # could end a request that another user really made (the forger chose the id).
         reason, queue, count = _text(refused), "router", 1
         stream = "left to the router"
+    elif request is not None and not is_ours(msg.raw_message.user_id, deps):
+        # Not published by a gateway or a router (RabbitMQ validated user_id): a forgery, e.g.
+        # a RunInference body sent to first.ingress. Its request id is the forger's choice.
+        stream = f"left alone: published by {msg.raw_message.user_id or 'nobody named'}"
+        request = None
     metrics.DEAD_LETTERS.labels(queue, reason).inc()
     if request is not None and refused is None:
         request_id_var.set(request.request_id)
@@ -85,6 +90,15 @@ async def handle_dead(msg: RabbitMessage, deps: Deps) -> None:
         stream,
     )
     await msg.ack()
+
+
+def is_ours(publisher: str | None, deps: Deps) -> bool:
+    """Tell whether a dead RunInference was published by a gateway or by a router (this one's
+    user), the only publishers of requests whose streams the router may end."""
+    settings = deps.settings
+    return publisher is not None and (
+        publisher in settings.trusted_publishers() or publisher == amqp_user(settings.rabbit_url)
+    )
 
 
 async def _end_stream(deps: Deps, request: RunInference, reason: str) -> str:

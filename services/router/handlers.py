@@ -22,7 +22,7 @@ from services.common import replies, streams, topology
 from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
 from services.common.logging import request_id_var, site_id_var, user_id_var
 from services.gateway.errors import ApiError, Unavailable
-from services.router import errors, ingress, metrics
+from services.router import errors, heartbeats, ingress, metrics
 from services.router.policy import PolicyState, StartOn, WaitFor, choose_site, choose_start_site
 from services.router.registry import Registry
 from services.router.settings import Settings
@@ -253,10 +253,22 @@ async def _fail_no_site(
 
 
 async def handle_heartbeat(msg: RabbitMessage, deps: Deps) -> None:
-    """Record one site heartbeat (the queue is consumed without acks)."""
+    """Record one site heartbeat from that site's own user (the queue is consumed without
+    acks); any other is logged, counted and changes nothing."""
     try:
         heartbeat = heartbeat_decoder.decode(msg.body)
     except DecodeError as exc:
         logger.warning("ignoring undecodable heartbeat (%d bytes): %s", len(msg.body), exc)
+        return
+    publisher = msg.raw_message.user_id
+    refused = heartbeats.refusal(heartbeat, publisher, deps.settings.site_users)
+    if refused is not None:
+        metrics.HEARTBEATS_REFUSED.labels(refused).inc()
+        logger.warning(
+            "ignoring a heartbeat for site %r from %s (refused: %s)",
+            heartbeat.site_id[:64],
+            publisher or "an unnamed publisher",
+            refused,
+        )
         return
     await deps.registry.observe(heartbeat)

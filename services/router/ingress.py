@@ -95,7 +95,13 @@ def reply_to_error(reply_to: str, publisher: str | None) -> ErrorInfo | None:
     """Refuse a reply queue that is not the publisher's own (RabbitMQ vouches for `publisher`)."""
     if not reply_to:
         return None
-    if publisher and reply_to.startswith(names.reply_queue_prefix(publisher)):
+    # A user with a `.` could claim a prefix that covers another user's queues (`lab.` covers
+    # `lab.x.`): such users have no reply queues (`first rabbit setup` makes none).
+    if (
+        publisher
+        and names.is_plain_name(publisher)
+        and reply_to.startswith(names.reply_queue_prefix(publisher))
+    ):
         return None
     return ErrorInfo(
         status=403,

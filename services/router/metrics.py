@@ -45,6 +45,13 @@ STARTS = Counter(
     "StartModel commands sent to a site (no site had the model hot).",
     ["site"],
 )
+HEARTBEATS_REFUSED = Counter(
+    "first_router_heartbeats_refused_total",
+    "Heartbeats ignored: a site id that is not a plain name, or a publisher not the site's user",
+    ["reason"],
+)
+for _refusal in ("site_id", "publisher"):
+    HEARTBEATS_REFUSED.labels(_refusal)
 MOVED = Counter(
     "first_router_requests_moved_total",
     "Requests moved from a dead site's queues to a live site.",
@@ -71,7 +78,7 @@ def _site_families(registry: Registry | None) -> list[Metric]:
     sites = registry.sites()
     sent = registry.sent()
     for heartbeat in sites:
-        age.add_metric([heartbeat.site_id], max(0.0, now - heartbeat.sent_at))
+        age.add_metric([heartbeat.site_id], max(0.0, now - heartbeat.received_at))
         in_flight.add_metric([heartbeat.site_id], sent.get(heartbeat.site_id, 0))
     live.add_metric([], sum(1 for hb in sites if is_live(hb, now, registry.ttl_s)))
     return [age, live, in_flight]

@@ -53,13 +53,16 @@ START_GRACE_S: Final = 10.0
 
 
 def is_live(heartbeat: SiteHeartbeat, now: float, ttl_s: float) -> bool:
-    """Tell whether a site's last heartbeat is younger than `ttl_s`."""
-    return now - heartbeat.sent_at < ttl_s
+    """Tell whether a site's last heartbeat was received less than `ttl_s` ago.
+
+    By the router's clock (`received_at`), never the site's: one never stamped is not live.
+    """
+    return now - heartbeat.received_at < ttl_s
 
 
 def is_overdue(heartbeat: SiteHeartbeat, now: float) -> bool:
-    """Tell whether a site missed a heartbeat (see OVERDUE_INTERVALS)."""
-    return now - heartbeat.sent_at > OVERDUE_INTERVALS * heartbeat.interval_s
+    """Tell whether a site missed a heartbeat (see OVERDUE_INTERVALS), by receive time."""
+    return now - heartbeat.received_at > OVERDUE_INTERVALS * heartbeat.interval_s
 
 
 def model_status(heartbeat: SiteHeartbeat, model: str) -> ModelStatus | None:

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from schemas import names
 from schemas.codec import DecodeError, encode, heartbeat_decoder
 from schemas.messages import SiteHeartbeat
+from services.router.heartbeats import stamp
 from services.router.policy import is_live
 
 logger = logging.getLogger(__name__)
@@ -40,10 +41,16 @@ class Registry:
     """Latest heartbeat per site, dispatches not yet reflected, and the Redis mirror."""
 
     def __init__(
-        self, redis: Redis, ttl_s: float, *, clock: Callable[[], float] = time.time
+        self,
+        redis: Redis,
+        ttl_s: float,
+        *,
+        skew_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
+        self._skew_s = skew_s
         self._clock = clock
         self._beats: dict[str, SiteHeartbeat] = {}
         self._sent: dict[str, int] = {}
@@ -75,7 +82,8 @@ class Registry:
         self._sent[site_id] = self._sent.get(site_id, 0) + 1
 
     def remember(self, heartbeat: SiteHeartbeat) -> bool:
-        """Keep `heartbeat` if it is newer than the one held; tell whether it was kept."""
+        """Keep `heartbeat` (stamped: see `observe`) if it is newer than the one held; tell
+        whether it was kept."""
         held = self._beats.get(heartbeat.site_id)
         if held is not None and held.sent_at > heartbeat.sent_at:
             return False
@@ -92,7 +100,12 @@ class Registry:
         self._listeners.append(listener)
 
     async def observe(self, heartbeat: SiteHeartbeat) -> None:
-        """Remember a received heartbeat and mirror it to Redis."""
+        """Remember a heartbeat received now (its publisher checked) and mirror it to Redis.
+
+        It is stamped first: received now by this router's clock, which alone says how long the
+        site stays live, and its `sent_at` clamped to within the skew of now.
+        """
+        heartbeat = stamp(heartbeat, self._clock(), self._skew_s)
         if not self.remember(heartbeat):
             return
         try:

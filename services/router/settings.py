@@ -46,6 +46,13 @@ class Settings(CommonSettings):
     request_publishers: list[str] = Field(default_factory=list)
     """RabbitMQ users (gateways) whose messages on first.requests are served; empty: the
     router's own user (a deployment where every service shares one RabbitMQ user)."""
+    site_user_prefix: str = ""
+    """A site's heartbeats count only from RabbitMQ user `<this prefix><site id>` (checked
+    through the `user_id` property RabbitMQ validates; `first rabbit setup` prints it, e.g.
+    `first-site-`). Empty: only the router's own user (every service shares one user)."""
+    heartbeat_skew_s: float = Field(default=5.0, ge=0.0)
+    """A heartbeat's `sent_at` is clamped to within this of the router's clock (it orders two
+    heartbeats of a site; liveness is judged by receive time). Keep it below the site TTL."""
     policy: Policy = "first"
     """How a site is chosen among those with the model hot: "first" (least estimated wait, with
     cache affinity; services/router/policy.py), or the baselines "round_robin" and "random"."""
@@ -57,3 +64,9 @@ class Settings(CommonSettings):
     def trusted_publishers(self) -> frozenset[str]:
         """Return the users whose first.requests messages are served."""
         return frozenset(self.request_publishers or [amqp_user(self.rabbit_url)])
+
+    def site_users(self, site_id: str) -> frozenset[str]:
+        """Return the users whose heartbeats may speak for `site_id`."""
+        if self.site_user_prefix:
+            return frozenset([self.site_user_prefix + site_id])
+        return frozenset([amqp_user(self.rabbit_url)])

@@ -25,7 +25,7 @@ from services.site_agent.backends import Backends
 from services.site_agent.cancel import CancelWatcher
 from services.site_agent.execution import Executor
 from services.site_agent.forwarder import Forwarder
-from services.site_agent.handlers import Deps, handle_request
+from services.site_agent.handlers import Deps, handle_request, reject_if_forged
 from services.site_agent.heartbeat import Heartbeat
 from services.site_agent.instances import InstanceManager
 from services.site_agent.launchers import make_launcher
@@ -52,12 +52,16 @@ def _subscribe(broker: RabbitBroker, deps: Deps) -> None:
         await handle_request(current_message(broker), deps)
 
 
-def _subscribe_control(broker: RabbitBroker, site_id: str, manager: InstanceManager | None) -> None:
-    control = topology.work_queue(names.site_control_queue(site_id), declare=False)
+def _subscribe_control(
+    broker: RabbitBroker, settings: Settings, manager: InstanceManager | None
+) -> None:
+    control = topology.work_queue(names.site_control_queue(settings.site_id), declare=False)
 
     @broker.subscriber(control, ack_policy=AckPolicy.MANUAL, decoder=raw_body)
     async def on_control() -> None:
         msg = current_message(broker)
+        if await reject_if_forged(msg, settings, "control"):
+            return
         command = await decode_or_reject(msg, control_decoder)
         if command is None:
             return
@@ -110,7 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
         finished=heartbeat.nudge,
     )
     _subscribe(broker, deps)
-    _subscribe_control(broker, settings.site_id, manager)
+    _subscribe_control(broker, settings, manager)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

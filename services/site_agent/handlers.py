@@ -45,6 +45,8 @@ async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
     Redis or broker trouble requeues (after a pause; the queue's delivery limit bounds it);
     an unexpected error dead-letters the request, whose stream the dead-letter consumer ends.
     """
+    if await reject_if_forged(msg, deps.settings, "work"):
+        return
     request = await decode_or_reject(msg, run_inference_decoder)
     if request is None:
         return
@@ -86,6 +88,34 @@ async def handle_request(msg: RabbitMessage, deps: Deps) -> None:
             usage.prompt_tokens,
             usage.completion_tokens,
         )
+
+
+def is_from_router(publisher: str | None, settings: Settings) -> bool:
+    """Tell whether a delivery's publisher (its `user_id`, which RabbitMQ validated against the
+    publishing connection's user) is one of the routers this agent takes orders from."""
+    return publisher is not None and publisher in settings.trusted_routers()
+
+
+async def reject_if_forged(msg: RabbitMessage, settings: Settings, kind: str) -> bool:
+    """Dead-letter a work or control message that no router published; say if it did.
+
+    It is never run and its stream is never written: its request id is the forger's choice,
+    and may be another user's live request. (The router's dead-letter consumer leaves the
+    streams of requests that no gateway or router published alone, too.)
+    """
+    publisher = msg.raw_message.user_id
+    if is_from_router(publisher, settings):
+        return False
+    logger.warning(
+        "rejecting a %s message (type=%s, id=%s) from %s: not a router",
+        kind,
+        msg.raw_message.type,
+        msg.message_id,
+        publisher or "an unnamed publisher",
+    )
+    metrics.FORGED.labels(kind).inc()
+    await msg.reject(requeue=False)
+    return True
 
 
 async def _reply(deps: Deps, request_id: str, reply_to: str) -> None:

@@ -57,6 +57,11 @@ QUEUE_WAIT = Histogram(
     ["priority"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
 )
+FORGED = Counter(
+    "first_site_agent_forged_total",
+    "Work or control messages dead-lettered unrun: their publisher (user_id) is not a router",
+    ["kind"],
+)
 IN_FLIGHT = Gauge("first_site_agent_in_flight", "Deliveries being handled now")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.common.broker import amqp_user
 from services.common.settings import CommonSettings
 
 
@@ -57,3 +58,11 @@ class Settings(CommonSettings):
     """How often running requests' cancel keys are checked besides the pub/sub channel."""
     retry_delay_s: float = 1.0
     """Pause before requeueing a request after a Redis or broker failure."""
+    router_users: list[str] = Field(default_factory=list)
+    """RabbitMQ users (routers) whose work and control messages this agent takes, checked
+    through the `user_id` property that RabbitMQ validates; anything else is dead-lettered,
+    never run. Empty: the agent's own user (a deployment where every service shares one)."""
+
+    def trusted_routers(self) -> frozenset[str]:
+        """Return the users whose work and control messages are taken."""
+        return frozenset(self.router_users or [amqp_user(self.rabbit_url)])

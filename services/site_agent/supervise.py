@@ -61,7 +61,8 @@ class SiteState:
 
     lease: Lease | None = None
     last_beat_at: float | None = None
-    """`sent_at` of the site's heartbeat in the registry mirror (None: none there)."""
+    """`received_at` of the site's heartbeat in the registry mirror, the router's clock (None:
+    none there); never `sent_at`, which a site could date in the future."""
     recoveries: tuple[float, ...] = ()
     """When recovery submits happened, oldest first (the last few only)."""
 
@@ -240,7 +241,7 @@ class Supervisor:
         beats: dict[str, float | None] = {}
         for site_id, value in zip(ids, raw, strict=True):
             try:
-                beats[site_id] = heartbeat_decoder.decode(value).sent_at if value else None
+                beats[site_id] = heartbeat_decoder.decode(value).received_at if value else None
             except DecodeError:
                 logger.warning("supervisor: undecodable heartbeat", extra={"site_id": site_id})
                 beats[site_id] = None
@@ -261,9 +262,9 @@ class Supervisor:
 
     async def _tick(self, now: float) -> None:
         beats = await self._beats()
-        for site_id, sent_at in beats.items():
+        for site_id, received_at in beats.items():
             state = self._states.get(site_id, SiteState())
-            self._states[site_id] = replace(state, last_beat_at=sent_at)
+            self._states[site_id] = replace(state, last_beat_at=received_at)
         self._observe_ends(now)
         for action in decide(now, self._config.sites, self._states):
             # Extend the lock before each submit: a tick of slow submits may outlast its TTL.

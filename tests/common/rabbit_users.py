@@ -30,7 +30,7 @@ class Users:
     prefix: str
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
-    """By label: "gateway", "router", "accounting", "site <id>", "producer"."""
+    """By label: "gateway", "router", "accounting", "site <id>", "producer <name>"."""
 
 
 def parse_env_file(text: str, prefix: str) -> Users:

@@ -112,9 +112,9 @@ REFUSED: list[tuple[str, str, Operation]] = [
     ("site s1", "read site s2's work", lambda c: consume_from(c, "first.site.s2.interactive")),
     ("site s1", "publish to a site queue", lambda c: publish_to(c, names.SITES_EXCHANGE)),
     ("site s1", "declare its own queue", lambda c: declare(c, "first.site.s1.extra")),
-    ("producer", "publish to first.requests", lambda c: publish_to(c, names.REQUESTS_EXCHANGE)),
-    ("producer", "read the dead letters", lambda c: consume_from(c, names.DEAD_QUEUE)),
-    ("producer", "declare another's reply queue", lambda c: declare(c, "first.reply.x.y")),
+    ("producer p", "publish to first.requests", lambda c: publish_to(c, names.REQUESTS_EXCHANGE)),
+    ("producer p", "read the dead letters", lambda c: consume_from(c, names.DEAD_QUEUE)),
+    ("producer p", "declare another's reply queue", lambda c: declare(c, "first.reply.x.y")),
 ]
 
 
@@ -136,13 +136,13 @@ async def test_each_component_can_do_its_own_work(users: tuple[str, Users]) -> N
         ("accounting", lambda c: consume_from(c, names.ACCOUNTING_USAGE_QUEUE)),
         ("site s2", lambda c: consume_from(c, names.site_queue("s2", "batch"))),
         ("site s2", lambda c: publish_to(c, names.HEARTBEATS_EXCHANGE)),
-        ("producer", lambda c: publish_to(c, names.INGRESS_EXCHANGE)),
+        ("producer p", lambda c: publish_to(c, names.INGRESS_EXCHANGE)),
     ]
     for label, operation in allowed:
         await attempt(made.urls[label], operation)  # raises ChannelClosed if refused
     producer_user = made.prefix + "producer-p"
     reply_queue = names.reply_queue_prefix(producer_user) + "results"
-    await attempt(made.urls["producer"], lambda c: declare(c, reply_queue))
+    await attempt(made.urls["producer p"], lambda c: declare(c, reply_queue))
 
 
 def test_rerunning_the_setup_keeps_passwords_and_says_so(

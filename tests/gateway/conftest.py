@@ -117,7 +117,8 @@ async def live_site(redis: Redis, models: list[str]) -> None:
     beat = SiteHeartbeat(
         site_id="s1",
         agent_id="a1",
-        sent_at=time.time() + 3600,  # stays live for the whole test
+        sent_at=time.time(),
+        received_at=time.time() + 3600,  # stays live for the whole test
         interval_s=5.0,
         models=tuple(
             ModelStatus(model=m, state="hot", instances=1, running=0, waiting=0, capacity=8)

@@ -23,7 +23,12 @@ def beat(site_id: str, model: str, state: str) -> SiteHeartbeat:
         capacity=0,  # type: ignore[arg-type]
     )
     return SiteHeartbeat(
-        site_id=site_id, agent_id="a", sent_at=time.time() + 3600, interval_s=5.0, models=(status,)
+        site_id=site_id,
+        agent_id="a",
+        sent_at=time.time(),
+        interval_s=5.0,
+        models=(status,),
+        received_at=time.time() + 3600,  # stays live for the whole test
     )
 
 

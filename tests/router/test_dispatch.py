@@ -56,7 +56,12 @@ def heartbeat(site_id: str, model: str, *, running: int = 0, capacity: int = 8) 
         model=model, state="hot", instances=1, running=running, waiting=0, capacity=capacity
     )
     return SiteHeartbeat(
-        site_id=site_id, agent_id="a", sent_at=time.time(), interval_s=2.0, models=(status,)
+        site_id=site_id,
+        agent_id="a",
+        sent_at=time.time(),
+        interval_s=2.0,
+        models=(status,),
+        received_at=time.time(),
     )
 
 
@@ -189,6 +194,7 @@ async def test_an_expired_line_ends_with_a_503_and_a_reply(
 ) -> None:
     model = unique("model")
     replies = await channel.declare_queue(unique("replies"), auto_delete=True)
+    await replies.bind(names.REPLIES_EXCHANGE, routing_key=names.reply_routing_key(replies.name))
     line = msgspec.structs.replace(batch_line(model, expires_in=1.5), reply_to=replies.name)
     async with running(rabbit_url, redis_url):
         started = time.monotonic()

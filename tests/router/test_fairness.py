@@ -89,6 +89,7 @@ def beat(site_id: str, model_status: ModelStatus, age: float = 0.0) -> SiteHeart
         sent_at=time.time() - age,
         interval_s=2.0,
         models=(model_status,),
+        received_at=time.time() - age,
     )
 
 

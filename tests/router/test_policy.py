@@ -95,7 +95,12 @@ def beat(
 ) -> SiteHeartbeat:
     models = fields.pop("models", None) or (status(**fields),)
     return SiteHeartbeat(
-        site_id=site_id, agent_id="a", sent_at=NOW - age, interval_s=interval_s, models=models
+        site_id=site_id,
+        agent_id="a",
+        sent_at=NOW - age,
+        interval_s=interval_s,
+        models=models,
+        received_at=NOW - age,
     )
 
 

@@ -89,6 +89,7 @@ class Site:
             sent_at=now,
             interval_s=HEARTBEAT_S,
             models=(status,),
+            received_at=now,
         )
 
 

@@ -61,8 +61,9 @@ def heartbeat(
     status = ModelStatus(
         model=model, state=state, instances=1, running=running, waiting=0, capacity=8
     )  # type: ignore[arg-type]
+    at = time.time() - age  # received then, as a router stamps it (for the Redis mirror)
     return SiteHeartbeat(
-        site_id=site_id, agent_id="a", sent_at=time.time() - age, interval_s=2.0, models=(status,)
+        site_id=site_id, agent_id="a", sent_at=at, interval_s=2.0, models=(status,), received_at=at
     )
 
 
@@ -132,8 +133,7 @@ async def test_batch_requests_go_to_the_sites_batch_queue(
 async def test_no_live_site_ends_the_stream_with_503_and_final(
     router: Registry, broker: RabbitBroker, redis_client: Redis
 ) -> None:
-    model, stale = unique("model"), unique("stale")
-    await beat(broker, heartbeat(stale, model, age=router.ttl_s + 1))
+    model = unique("model")  # no site serves it
     request = make_request(model)
     started = time.monotonic()
     await submit(broker, request)
@@ -226,6 +226,7 @@ async def test_a_dead_lettered_request_with_a_reply_queue_is_answered_there(
 ) -> None:
     reply_to = names.reply_queue_prefix("guest") + unique("replies")
     queue = await channel.declare_queue(reply_to, auto_delete=True)
+    await queue.bind(names.REPLIES_EXCHANGE, routing_key=names.reply_routing_key(reply_to))
     request = msgspec.structs.replace(make_request(unique("model")), reply_to=reply_to)
     await publish(broker, request, exchange=topology.DEAD, routing_key="", timeout=5)
     message = None

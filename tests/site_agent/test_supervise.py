@@ -346,7 +346,10 @@ async def supervising(
 
 
 async def beat(redis: Redis, site_id: str, sent_at: float) -> None:
-    heartbeat = SiteHeartbeat(site_id=site_id, agent_id="test", sent_at=sent_at, interval_s=0.2)
+    # Mirrored as a router stamps it: received when it was sent.
+    heartbeat = SiteHeartbeat(
+        site_id=site_id, agent_id="test", sent_at=sent_at, interval_s=0.2, received_at=sent_at
+    )
     await redis.hset(names.REGISTRY_KEY, site_id, encode(heartbeat))
 
 
@@ -460,7 +463,10 @@ from schemas.messages import SiteHeartbeat
 url, site_id, stop_file = sys.argv[1:]
 r = redis.Redis.from_url(url, socket_timeout=5)
 while not os.path.exists(stop_file):
-    hb = SiteHeartbeat(site_id=site_id, agent_id="beater", sent_at=time.time(), interval_s=0.1)
+    now = time.time()
+    hb = SiteHeartbeat(
+        site_id=site_id, agent_id="beater", sent_at=now, interval_s=0.1, received_at=now
+    )
     r.hset(names.REGISTRY_KEY, site_id, encode(hb))
     time.sleep(0.1)
 """
