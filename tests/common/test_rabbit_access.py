@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractChannel
 from aio_pika.exceptions import ChannelClosed
 
 from schemas import names
-from services.common.rabbit_access import grant_for
+from services.common.rabbit_access import DEFAULT_EXCHANGE, grant_for, plan
 from tests.common.rabbit_users import Users, least_privilege_users
 from tests.conftest import RABBIT_API
 
@@ -56,6 +56,33 @@ def test_a_producer_may_touch_only_first_ingress_and_its_own_reply_queues() -> N
     assert matches(grant.read, names.reply_queue_prefix("p1") + "results")
     assert not matches(grant.read, names.reply_queue_prefix("p2") + "results")
     assert not matches(grant.configure, names.reply_queue_prefix("p1"))  # a name is needed
+
+
+def test_nobody_writes_the_default_exchange_and_replies_have_their_own() -> None:
+    for grant in plan("first-", ["s1"], ["p"]):
+        assert not matches(grant.write, DEFAULT_EXCHANGE), grant.role
+    assert matches(grant_for("router", "r").write, names.REPLIES_EXCHANGE)
+    assert matches(grant_for("site", "s", "alpha").write, names.REPLIES_EXCHANGE)
+
+
+def test_a_producer_binds_first_replies_only_with_keys_under_its_own_prefix() -> None:
+    grant = grant_for("producer", "p1")
+    assert matches(grant.read, names.REPLIES_EXCHANGE)
+    assert matches(grant.write, names.reply_queue_prefix("p1") + "results")  # to bind it
+    (topic,) = grant.topics
+    assert topic.exchange == names.REPLIES_EXCHANGE
+    assert matches(topic.read, names.reply_queue_prefix("p1") + "results")
+    assert not matches(topic.read, names.reply_queue_prefix("p1x") + "results")
+    assert not matches(topic.read, "#")
+    assert not matches(topic.write, "anything")
+
+
+@pytest.mark.parametrize(
+    ("sites", "producers"), [(["a.b"], []), ([], ["lab.x"]), ([], ["*"]), (["#"], [])]
+)
+def test_the_plan_refuses_names_that_are_not_plain(sites: list[str], producers: list[str]) -> None:
+    with pytest.raises(ValueError, match=re.escape("(no '.')")):
+        plan("first-", sites, producers)
 
 
 def test_a_site_grant_without_a_site_id_is_an_error() -> None:
