@@ -14,6 +14,7 @@ from types import FrameType
 
 import httpx
 
+from services.access import apikeys
 from services.common.db import make_engine
 from services.common.logging import configure_logging
 from services.common.rabbit_access import SetupError
@@ -21,7 +22,6 @@ from services.common.settings import CommonSettings
 from services.devstack.procs import REPO, ProcessGroup, StartupError
 from services.devstack.rabbit import dev_rabbit_users
 from services.devstack.stack import StackConfig, default_backends, start_backends, start_services
-from services.gateway import apikeys
 
 logger = logging.getLogger("first.dev")
 
@@ -97,10 +97,10 @@ def main() -> None:
         files_dir=str(state / "files"),
         # Globus Auth as the services would use it, against the local stand-in.
         extra_env={
-            "FIRST_GATEWAY_GLOBUS_CLIENT_ID": DEMO_CLIENT_ID,
-            "FIRST_GATEWAY_GLOBUS_CLIENT_SECRET": globus_secret,
-            "FIRST_GATEWAY_GLOBUS_AUTH_URL": globus_url,
-            "FIRST_GATEWAY_GLOBUS_GROUPS_URL": globus_url,
+            "FIRST_ACCESS_GLOBUS_CLIENT_ID": DEMO_CLIENT_ID,
+            "FIRST_ACCESS_GLOBUS_CLIENT_SECRET": globus_secret,
+            "FIRST_ACCESS_GLOBUS_AUTH_URL": globus_url,
+            "FIRST_ACCESS_GLOBUS_GROUPS_URL": globus_url,
         },
     )
     group = ProcessGroup(state / "logs")

@@ -18,10 +18,11 @@ from schemas import names
 from schemas.codec import DecodeError, heartbeat_decoder, ingress_decoder, run_inference_decoder
 from schemas.messages import RunInference, StartModel
 from schemas.records import ErrorInfo
+from services.access.admission import Access
+from services.access.errors import ApiError, Unavailable
 from services.common import replies, streams, topology
 from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
 from services.common.logging import request_id_var, site_id_var, user_id_var
-from services.gateway.errors import ApiError, Unavailable
 from services.router import errors, heartbeats, ingress, metrics
 from services.router.policy import PolicyState, StartOn, WaitFor, choose_site, choose_start_site
 from services.router.registry import Registry
@@ -40,7 +41,7 @@ class Deps:
     broker: RabbitBroker
     redis: Redis
     registry: Registry
-    admission: ingress.Admission
+    access: Access
     policy: PolicyState = field(default_factory=PolicyState)
     """This replica's routing memory (affinity, round-robin turns, starts it ordered)."""
 
@@ -134,7 +135,11 @@ async def handle_ingress(msg: RabbitMessage, deps: Deps) -> None:
         await refuse(msg, deps, ingress_request.request_id, bad_reply_to)
         return
     try:
-        request = await deps.admission.admit(ingress_request, ingress.credential_of(msg))
+        request = await deps.access.admit_ingress(
+            ingress_request,
+            ingress.credential_of(msg),
+            first_record_timeout_s=deps.settings.first_record_timeout_s,
+        )
     except (Unavailable, RedisError) as exc:  # cannot decide now (Globus, Redis): later
         logger.warning("cannot admit now, requeueing: %r", exc)
         await asyncio.sleep(deps.settings.retry_delay_s)

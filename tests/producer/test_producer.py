@@ -31,12 +31,11 @@ from schemas import names
 from schemas.codec import encode
 from schemas.messages import IngressRequest, RunInference
 from schemas.records import Failure
+from services.access import apikeys
+from services.access.settings import AccessSettings, CatalogueModel, Limits
 from services.common.db import make_engine
 from services.common.ids import new_request_id
 from services.common.rabbit_access import grant_for
-from services.gateway import apikeys
-from services.gateway.settings import CatalogueModel, Limits
-from services.gateway.settings import Settings as GatewaySettings
 from services.producer.client import READER_ACL, Producer
 from services.router.app import create_app as create_router
 from services.router.settings import Settings as RouterSettings
@@ -134,7 +133,7 @@ async def deployment(
     async with Redis.from_url(redis_url) as redis:
         await redis.flushdb()  # one database per module (a session has 15), empty per test
     limits = getattr(request, "param", Limits())
-    access = GatewaySettings(
+    access = AccessSettings(
         database_url=sqlite_url,
         models=[CatalogueModel(name=backend.model)],
         user_limits=limits,

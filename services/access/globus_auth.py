@@ -27,9 +27,9 @@ from globus_sdk.transport import RequestsTransport, RetryConfig
 from redis.asyncio import Redis
 
 from schemas import names
-from services.gateway.errors import Unauthenticated, Unavailable
-from services.gateway.principal import Principal
-from services.gateway.settings import Settings
+from services.access.errors import Unauthenticated, Unavailable
+from services.access.principal import Principal
+from services.access.settings import AccessSettings
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def _unavailable(why: str) -> Unavailable:
     )
 
 
-def globus_from_settings(settings: Settings, redis: Redis) -> GlobusAuthenticator | None:
+def globus_from_settings(settings: AccessSettings, redis: Redis) -> GlobusAuthenticator | None:
     """Return the Globus token path if a confidential client is configured."""
     if not settings.globus_client_id:
         return None

@@ -7,10 +7,10 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import names
-from services.gateway import apikeys
-from services.gateway.errors import Unauthenticated
-from services.gateway.globus_auth import GlobusAuthenticator
-from services.gateway.principal import Principal
+from services.access import apikeys
+from services.access.errors import Unauthenticated
+from services.access.globus_auth import GlobusAuthenticator
+from services.access.principal import Principal
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Principal)
