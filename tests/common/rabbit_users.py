@@ -39,7 +39,9 @@ def parse_env_file(text: str, prefix: str) -> Users:
     label = ""
     for line in text.splitlines():
         if line.startswith("# ") and ": user " in line:
-            label = line[2:].split(":", 1)[0]
+            label, user = line[2:].split(": user ", 1)
+            if label.startswith("producer") and "producer-" in user:  # one label per producer
+                label = f"producer {user.split('producer-', 1)[1]}"
             continue
         if not line or line.startswith("#"):
             continue

@@ -193,7 +193,6 @@ async def test_a_producer_cannot_bind_its_queue_to_anothers_replies(
     await open_reply_queue(users, "pb")
     own = reply_queue(users, "pa")
     before = bindings(admin_url, own)
-    assert (names.REPLIES_EXCHANGE, own) in before  # the producer bound its own key itself
 
     async def bind(channel: AbstractChannel) -> None:
         queue = await channel.get_queue(own, ensure=False)
@@ -202,6 +201,7 @@ async def test_a_producer_cannot_bind_its_queue_to_anothers_replies(
     with pytest.raises(ChannelClosed, match="ACCESS_REFUSED"):
         await attempt(users.urls["producer pa"], bind)
     assert bindings(admin_url, own) == before
+    assert (names.REPLIES_EXCHANGE, own) in before  # the producer bound its own key itself
 
 
 async def ignore(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -288,7 +288,6 @@ async def stack(users: Users, redis_url: str, backend: FakeBackend) -> AsyncIter
         retry_delay_s=0.1,
         **agent_fields,
     )
-    assert agent.trusted_routers() == {f"{users.prefix}router"}
     router = create_router(router_settings)
     async with router.router.lifespan_context(router), running_agent(agent):
         registry = router.state.deps.registry
@@ -334,8 +333,11 @@ async def test_a_site_takes_work_and_orders_only_from_a_router(
                 timeout=5,
             )
             # Both are dead-lettered by the agent and logged by the router's dead consumer.
-            await wait_for(lambda: dead_letters(work) > seen[0] and dead_letters(control) > seen[1])
+            await wait_for(
+                lambda: dead_letters(work) > seen[0] or sum(backend.hits.values()) > hits
+            )
             assert sum(backend.hits.values()) == hits  # never run
+            await wait_for(lambda: dead_letters(control) > seen[1])  # not taken either
             assert await stream_records(redis_client, forged.request_id) == []  # nor written
             labels = {"kind": "work"}
             assert counter("first_site_agent_forged_total", labels) >= 1
