@@ -26,18 +26,28 @@ SERVICE_OF_ROLE = {"site": "site_agent", "producer": "producer"}
 
 
 def dev_rabbit_users(
-    admin_url: str, site_id: str, env_file: Path, timeout_s: float = 10.0
+    admin_url: str,
+    site_id: str,
+    env_file: Path,
+    *,
+    vhost: str = DEV_VHOST,
+    prefix: str = DEV_PREFIX,
+    api_url: str | None = None,
+    timeout_s: float = 10.0,
 ) -> dict[str, dict[str, str]]:
-    """Set up vhost `first-dev` as the administrator of `admin_url`; return each service's env.
+    """Set up `vhost` as the administrator of `admin_url`; return each service's env.
 
     Every component's env (the dev producer's too) is also written to `env_file`, mode 0600.
     """
     parts = urllib.parse.urlsplit(admin_url)
-    vhost_url = urllib.parse.urlunsplit(parts._replace(path=f"/{DEV_VHOST}"))
+    vhost_url = urllib.parse.urlunsplit(
+        parts._replace(path="/" + urllib.parse.quote(vhost, safe=""))
+    )
     auth = (amqp_user(admin_url), urllib.parse.unquote(parts.password or "guest"))
-    grants = plan(DEV_PREFIX, [site_id], [DEV_PRODUCER])
-    with httpx.Client(base_url=management_url(admin_url), auth=auth, timeout=timeout_s) as client:
-        api = ManagementApi(client, DEV_VHOST)
+    grants = plan(prefix, [site_id], [DEV_PRODUCER])
+    base_url = api_url or management_url(admin_url)
+    with httpx.Client(base_url=base_url, auth=auth, timeout=timeout_s) as client:
+        api = ManagementApi(client, vhost)
         api.ensure_vhost()
         api.permit_all(auth[0])
         asyncio.run(declare_all(vhost_url, [site_id], timeout_s))
@@ -45,8 +55,8 @@ def dev_rabbit_users(
     fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         os.fchmod(handle.fileno(), 0o600)
-        handle.write("\n".join(env_lines(vhost_url, accounts, DEV_PREFIX)) + "\n")
+        handle.write("\n".join(env_lines(vhost_url, accounts, prefix)) + "\n")
     return {
         SERVICE_OF_ROLE.get(grant.role, grant.role): env
-        for grant, env in envs(vhost_url, accounts, DEV_PREFIX)
+        for grant, env in envs(vhost_url, accounts, prefix)
     }

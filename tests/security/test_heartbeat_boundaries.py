@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from schemas import names
 from schemas.codec import encode
 from schemas.messages import ModelStatus, SiteHeartbeat
+from services.access.settings import AccessSettings
 from services.common import topology
 from services.common.broker import make_broker, publish
 from services.router.app import create_app as create_router
@@ -53,7 +54,7 @@ async def running_router(users: Users, redis_url: str, **overrides: Any) -> Asyn
         sweep_interval_s=0.2,
         **overrides,
     )
-    app = create_router(settings)
+    app = create_router(settings, AccessSettings())
     async with app.router.lifespan_context(app):
         yield app.state.deps.registry
 

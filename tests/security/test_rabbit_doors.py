@@ -31,6 +31,7 @@ from schemas import names
 from schemas.codec import encode
 from schemas.messages import StartModel, StopModel
 from schemas.records import Chunk, Final
+from services.access.settings import AccessSettings
 from services.common import topology
 from services.common.broker import make_broker, publish
 from services.producer.client import Producer
@@ -288,7 +289,7 @@ async def stack(users: Users, redis_url: str, backend: FakeBackend) -> AsyncIter
         retry_delay_s=0.1,
         **agent_fields,
     )
-    router = create_router(router_settings)
+    router = create_router(router_settings, AccessSettings())
     async with router.router.lifespan_context(router), running_agent(agent):
         registry = router.state.deps.registry
         await wait_for(lambda: registry.get("s1"))  # its heartbeat, from its own user, counts
