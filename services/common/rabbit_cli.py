@@ -52,10 +52,15 @@ def setup(
             help="AMQP URL of an administrator, with the vhost to set up (e.g. amqp://admin:pw@host:5672/first).",
         ),
     ],
-    site: Annotated[list[str], typer.Option(help="A site id (repeat for each site).")] = [],  # noqa: B006
+    site: Annotated[
+        list[str], typer.Option(help="A site id: letters, digits, _ and - (repeat for each).")
+    ] = [],  # noqa: B006
     producer: Annotated[
         list[str],
-        typer.Option(help="A producer name (repeat); its user may write only to first.ingress."),
+        typer.Option(
+            help="A producer name: letters, digits, _ and - (repeat); its user may write only "
+            "to first.ingress and use its own reply queues."
+        ),
     ] = [],  # noqa: B006
     api_url: Annotated[
         str | None, typer.Option(help="Management API (default http://<host>:15672/api).")
@@ -68,7 +73,8 @@ def setup(
     timeout_s: Annotated[float, typer.Option(help="Bound on each broker call.")] = 10.0,
 ) -> None:
     """Declare every exchange and queue, and make the users gateway, router, accounting,
-    site-<id> and producer-<name> with the least permissions each needs; print their env."""
+    site-<id> and producer-<name> with the least permissions each needs; print their env and
+    whom each trusts (FIRST_ROUTER_SITE_USER_PREFIX, FIRST_SITE_AGENT_ROUTER_USERS, ...)."""
     try:
         grants = plan(prefix, site, producer)
     except ValueError as exc:

@@ -35,7 +35,7 @@ from services.access import apikeys
 from services.access.settings import AccessSettings, CatalogueModel, Limits
 from services.common.db import make_engine
 from services.common.ids import new_request_id
-from services.common.rabbit_access import grant_for
+from services.common.rabbit_access import ManagementApi, grant_for
 from services.producer.client import READER_ACL, Producer
 from services.router.app import create_app as create_router
 from services.router.settings import Settings as RouterSettings
@@ -77,16 +77,14 @@ def _with_user(url: str, user: str) -> str:
 
 @pytest.fixture(scope="module")
 def producer_user(new_rabbit_url: Callable[[], str]) -> Iterator[tuple[str, str, str]]:
-    """A vhost, and a producer user with `first rabbit setup`'s grant: write first.ingress,
-    configure and read its own reply queues, nothing else."""
+    """A vhost, and a producer user with `first rabbit setup`'s grant: write first.ingress, use
+    its own reply queues and bind them to first.replies by their own names, nothing else."""
     url = new_rabbit_url()
-    vhost = urllib.parse.quote(_vhost_of(url), safe="")
     user = unique("producer")
     with httpx.Client(base_url=RABBIT_API, auth=_rabbit_auth(), timeout=10) as api:
         api.put(f"/users/{user}", json={"password": PASSWORD, "tags": ""}).raise_for_status()
-        grant = grant_for("producer", user)
-        perms = {"configure": grant.configure, "write": grant.write, "read": grant.read}
-        api.put(f"/permissions/{vhost}/{user}", json=perms).raise_for_status()
+        # Its permissions and topic permissions, exactly as the setup applies them.
+        ManagementApi(api, _vhost_of(url)).put_permissions(grant_for("producer", user))
         try:
             yield url, _with_user(url, user), user
         finally:
