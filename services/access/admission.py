@@ -18,6 +18,7 @@ from services.access.globus_auth import globus_from_settings
 from services.access.policy import may_use
 from services.access.principal import Principal
 from services.access.quotas import Quotas
+from services.access.request_ids import RequestIds, check_id, owner_of
 from services.access.settings import AccessSettings, CatalogueModel
 from services.access.validation import AnyRequest, check_max_tokens, include_usage, parse_body
 
@@ -86,6 +87,7 @@ class Access:
     authenticator: Authenticator
     quotas: Quotas
     catalogue: dict[str, CatalogueModel]
+    request_ids: RequestIds
 
     def check(
         self, endpoint: Endpoint, body: bytes, principal: Principal
@@ -105,9 +107,12 @@ class Access:
         principal = await self.authenticator.authenticate(
             None if credential is None else f"Bearer {credential}"
         )
-        parsed, entry = self.check(ingress.endpoint, ingress.body, principal)
-        await self.quotas.admit(principal)
         now = time.time()
+        check_id(ingress.request_id, now, self.settings.request_id_skew_s)
+        parsed, entry = self.check(ingress.endpoint, ingress.body, principal)
+        owner = owner_of(principal.user_id, ingress.endpoint, ingress.body)
+        await self.request_ids.reserve(ingress.request_id, owner)
+        await self.quotas.admit(principal)  # last: a refused request counts against nothing
         return job_for(
             principal,
             ingress.endpoint,
@@ -132,4 +137,5 @@ def build_access(settings: AccessSettings, redis: Redis, engine: AsyncEngine) ->
         ),
         quotas=Quotas(redis, settings),
         catalogue={m.name: m for m in settings.models},
+        request_ids=RequestIds(redis, settings.request_id_skew_s),
     )
