@@ -4,6 +4,8 @@ limits, and the job it becomes. `Access` bundles them, built once per process by
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -19,8 +21,11 @@ from services.access.policy import may_use
 from services.access.principal import Principal
 from services.access.quotas import Quotas
 from services.access.request_ids import RequestIds, check_id, owner_of
+from services.access.sealed import Sealer
 from services.access.settings import AccessSettings, CatalogueModel
 from services.access.validation import AnyRequest, check_max_tokens, include_usage, parse_body
+
+logger = logging.getLogger(__name__)
 
 
 def model_not_found(model: str) -> NotFound:
@@ -127,13 +132,27 @@ class Access:
         )
 
 
+def cache_secret(settings: AccessSettings) -> bytes:
+    """Return the secret that seals cached principals (a random one per process if unset)."""
+    configured = settings.cache_secret.get_secret_value()
+    if configured:
+        return configured.encode()
+    logger.warning(
+        "FIRST_ACCESS_CACHE_SECRET is not set: cached principals serve this process only"
+    )
+    return secrets.token_bytes(32)
+
+
 def build_access(settings: AccessSettings, redis: Redis, engine: AsyncEngine) -> Access:
     """Return the process's Access: API keys (SQL behind a Redis cache), Globus, limits."""
+    secret = cache_secret(settings)
     return Access(
         settings=settings,
         authenticator=Authenticator(
-            ApiKeyAuthenticator(engine, redis, settings.apikey_cache_ttl_s),
-            globus_from_settings(settings, redis),
+            ApiKeyAuthenticator(
+                engine, redis, settings.apikey_cache_ttl_s, Sealer(secret, "apikey")
+            ),
+            globus_from_settings(settings, redis, secret),
         ),
         quotas=Quotas(redis, settings),
         catalogue={m.name: m for m in settings.models},
