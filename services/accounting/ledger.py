@@ -22,6 +22,7 @@ from schemas.codec import encode
 from schemas.messages import UsageRecorded
 from services.accounting.errors import LedgerUnavailable, UnsupportedDatabase
 from services.accounting.metrics import LEDGER_CONFLICTS
+from services.common.db import create_tables
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ async def create_schema(engine: AsyncEngine) -> None:
     """Create the ledger table and its indexes if they do not exist."""
     _check_dialect(engine)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+        await create_tables(engine, metadata)
     except DB_ERRORS as exc:
         raise LedgerUnavailable(f"cannot create the ledger schema: {describe(exc)}") from exc
 
