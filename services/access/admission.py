@@ -4,6 +4,8 @@ limits, and the job it becomes. `Access` bundles them, built once per process by
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -18,8 +20,12 @@ from services.access.globus_auth import globus_from_settings
 from services.access.policy import may_use
 from services.access.principal import Principal
 from services.access.quotas import Quotas
+from services.access.request_ids import RequestIds, check_id, owner_of
+from services.access.sealed import Sealer
 from services.access.settings import AccessSettings, CatalogueModel
 from services.access.validation import AnyRequest, check_max_tokens, include_usage, parse_body
+
+logger = logging.getLogger(__name__)
 
 
 def model_not_found(model: str) -> NotFound:
@@ -86,6 +92,7 @@ class Access:
     authenticator: Authenticator
     quotas: Quotas
     catalogue: dict[str, CatalogueModel]
+    request_ids: RequestIds
 
     def check(
         self, endpoint: Endpoint, body: bytes, principal: Principal
@@ -105,9 +112,12 @@ class Access:
         principal = await self.authenticator.authenticate(
             None if credential is None else f"Bearer {credential}"
         )
-        parsed, entry = self.check(ingress.endpoint, ingress.body, principal)
-        await self.quotas.admit(principal)
         now = time.time()
+        check_id(ingress.request_id, now, self.settings.request_id_skew_s)
+        parsed, entry = self.check(ingress.endpoint, ingress.body, principal)
+        owner = owner_of(principal.user_id, ingress.endpoint, ingress.body)
+        await self.request_ids.reserve(ingress.request_id, owner)
+        await self.quotas.admit(principal)  # last: a refused request counts against nothing
         return job_for(
             principal,
             ingress.endpoint,
@@ -122,14 +132,29 @@ class Access:
         )
 
 
+def cache_secret(settings: AccessSettings) -> bytes:
+    """Return the secret that seals cached principals (a random one per process if unset)."""
+    configured = settings.cache_secret.get_secret_value()
+    if configured:
+        return configured.encode()
+    logger.warning(
+        "FIRST_ACCESS_CACHE_SECRET is not set: cached principals serve this process only"
+    )
+    return secrets.token_bytes(32)
+
+
 def build_access(settings: AccessSettings, redis: Redis, engine: AsyncEngine) -> Access:
     """Return the process's Access: API keys (SQL behind a Redis cache), Globus, limits."""
+    secret = cache_secret(settings)
     return Access(
         settings=settings,
         authenticator=Authenticator(
-            ApiKeyAuthenticator(engine, redis, settings.apikey_cache_ttl_s),
-            globus_from_settings(settings, redis),
+            ApiKeyAuthenticator(
+                engine, redis, settings.apikey_cache_ttl_s, Sealer(secret, "apikey")
+            ),
+            globus_from_settings(settings, redis, secret),
         ),
         quotas=Quotas(redis, settings),
         catalogue={m.name: m for m in settings.models},
+        request_ids=RequestIds(redis, settings.request_id_skew_s),
     )

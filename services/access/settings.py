@@ -67,6 +67,13 @@ class AccessSettings(BaseSettings):
     max_tokens_cap: int | None = None
     """The most `max_tokens` (or `max_completion_tokens`) a request may ask for; None: no cap."""
     apikey_cache_ttl_s: float = 60.0
+    cache_secret: SecretStr = SecretStr("")
+    """Seals the principals and verdicts cached in Redis (services/access/sealed.py); only the
+    admitting components (gateway, router, batch worker) hold it. Empty: a random secret per
+    process (entries then serve only the process that wrote them; set it for replicas)."""
+    request_id_skew_s: float = Field(default=600.0, gt=0)
+    """A direct producer's request id (a UUIDv7) is accepted only within this of the router's
+    clock; ids are reserved for twice as long (services/access/request_ids.py)."""
     globus_client_id: str = ""
     """The gateway's confidential client (a Globus Auth resource server); empty: API keys only."""
     globus_client_secret: SecretStr = SecretStr("")
