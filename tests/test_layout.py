@@ -4,6 +4,7 @@ packages they share stay free of what they must not hold (read from the sources'
 from __future__ import annotations
 
 import ast
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,17 @@ SERVICES = ("gateway", "router", "site_agent", "accounting")
 
 
 def imports_of(package: str) -> dict[str, set[str]]:
-    """Return, per module file of `services/<package>`, the modules it imports."""
+    """Return, per module file of `services/<package>`, the modules it imports.
+
+    Parsed in a thread of its own: CPython 3.11's AST builder keeps a recursion count per
+    thread that an earlier RecursionError (the deep-JSON tests) can leave skewed, and then
+    refuses ("AST constructor recursion depth mismatch").
+    """
+    with ThreadPoolExecutor(max_workers=1) as fresh:
+        return fresh.submit(_imports_of, package).result(timeout=60)
+
+
+def _imports_of(package: str) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for path in sorted((ROOT / "services" / package).rglob("*.py")):
         names: set[str] = set()
