@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from schemas import names
@@ -32,12 +33,22 @@ class GatewayUnderTest:
     settings: Settings
 
 
+@pytest.fixture(scope="session")
+def gateway_redis_url(new_redis_url: Callable[[], str]) -> str:
+    """One Redis database for every gateway module (a server has only 15 to hand out)."""
+    return new_redis_url()
+
+
 @pytest.fixture(scope="module")
-def gateway_space(
-    new_rabbit_url: Callable[[], str], new_redis_url: Callable[[], str]
-) -> tuple[str, str]:
-    """A vhost and Redis database for this module only: no other test's site is live here."""
-    return new_rabbit_url(), new_redis_url()
+def gateway_space(new_rabbit_url: Callable[[], str], gateway_redis_url: str) -> tuple[str, str]:
+    """A vhost, and the gateways' Redis database emptied, for this module: no other test's
+    site is live here (modules run one after another, so emptying it is as good as a new one)."""
+    client = SyncRedis.from_url(gateway_redis_url, socket_timeout=5)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return new_rabbit_url(), gateway_redis_url
 
 
 @pytest.fixture

@@ -85,8 +85,9 @@ def forger(producer_user: tuple[str, str, str], rabbit_api: httpx.Client) -> Ite
         rabbit_api.delete(f"/users/{user}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def module_redis_url(new_redis_url: Callable[[], str]) -> str:
+    """One Redis database for the producer modules; `deployment` empties it for each test."""
     return new_redis_url()
 
 
