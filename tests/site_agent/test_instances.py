@@ -36,7 +36,7 @@ from tests.router.test_router import running_router, submit
 from tests.site_agent.helpers import make_request, read_stream, send_to_site, unique, wait_for
 
 SIM = [sys.executable, "-m", "services.sim_vllm", "--model", "{served_name}"]
-SIM += ["--host", "{host}", "--port", "{port}"]
+SIM += ["--uds", "{uds}"]
 
 
 def site_file(
