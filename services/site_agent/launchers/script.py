@@ -158,6 +158,11 @@ def wrapper_body(
         f"FIRST_KEY_FILE={shlex.quote(str(key_file))}",
         _PICK_PORT.replace("PORT_MIN", str(PORT_RANGE[0])).replace("PORT_MAX", str(PORT_RANGE[1])),
         'FIRST_UDS_DIR="$(mktemp -d "${TMPDIR:-/tmp}/first-XXXXXX")"',
+        # A socket's path must fit in 108 bytes; a long job TMPDIR would not leave room.
+        "if ((${#FIRST_UDS_DIR} > 90)); then",
+        '    rmdir "$FIRST_UDS_DIR"',
+        '    FIRST_UDS_DIR="$(mktemp -d /tmp/first-XXXXXX)"',
+        "fi",
         'FIRST_UDS="$FIRST_UDS_DIR/server.sock"',
         _SUPERVISE,
         shlex.join(relay) + _RELAY_ARGS + " &",
