@@ -34,6 +34,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from services.site_agent.instance_keys import KeyFileError, authorized, read_key
 
@@ -121,7 +122,7 @@ class Relay:
             self._log_refusal(request)
             return _error(401, "A valid instance key is required.", "unauthorized")
         assert self._http is not None  # opened on startup
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_UP}
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in NOT_UP)
         data = request.content if request.body_exists else None
         try:
             upstream = await self._http.request(
