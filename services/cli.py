@@ -122,10 +122,10 @@ def fake_globus(
 
 
 def _register_subapps() -> None:
+    from services.access.keys_cli import keys_app
     from services.accounting.cli import usage_app
     from services.common.rabbit_cli import rabbit_app
     from services.gateway.batch_cli import batch_app
-    from services.gateway.keys_cli import keys_app
     from services.producer.cli import queue_app
     from services.site_agent.supervise_cli import sites_app
 
