@@ -45,12 +45,13 @@ def add_ops_routes(app: FastAPI, checks: Mapping[str, ReadyCheck]) -> None:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
-    """Run `app` with uvicorn in the foreground until SIGINT/SIGTERM."""
+def serve(app: FastAPI, host: str, port: int, uds: str | None = None) -> None:
+    """Run `app` with uvicorn in the foreground until SIGINT/SIGTERM (on `uds` if given)."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        uds=uds,
         log_config=None,
         access_log=False,
         lifespan="on",

@@ -21,7 +21,13 @@ from services.common.rabbit_access import SetupError
 from services.common.settings import CommonSettings
 from services.devstack.procs import REPO, ProcessGroup, StartupError
 from services.devstack.rabbit import dev_rabbit_users
-from services.devstack.stack import StackConfig, default_backends, start_backends, start_services
+from services.devstack.stack import (
+    StackConfig,
+    default_backends,
+    key_files,
+    start_backends,
+    start_services,
+)
 
 logger = logging.getLogger("first.dev")
 
@@ -86,7 +92,8 @@ def main() -> None:
     database_url = os.environ.get(
         "FIRST_ACCOUNTING_DATABASE_URL", f"sqlite+aiosqlite:///{state / 'first.db'}"
     )
-    backends = default_backends()
+    # vLLM behind the relay with a key of its own, as a site runs it (the keys: 0600 files).
+    backends = default_backends(state / "keys")
     globus_url = f"http://127.0.0.1:{DEMO_GLOBUS_PORT}"
     globus_secret = secrets.token_urlsafe(16)  # this run's stand-in client only
     config = StackConfig(
@@ -94,6 +101,7 @@ def main() -> None:
         redis_url=common.redis_url,
         database_url=database_url,
         backends={b.served_name: [b.url] for b in backends},
+        backend_key_files=key_files(backends),
         files_dir=str(state / "files"),
         # Globus Auth as the services would use it, against the local stand-in.
         extra_env={

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -30,6 +31,10 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log_path: Path
     ready_url: str | None = None
+    ready_headers: dict[str, str] = field(default_factory=dict)
+    """Sent with the ready check (e.g. the key a relay wants)."""
+    needs: list[Proc] = field(default_factory=list)
+    """Processes it cannot be ready without: one that exits fails the wait."""
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -47,6 +52,8 @@ class ProcessGroup:
 
     log_dir: Path
     procs: list[Proc] = field(default_factory=list)
+    temp_dirs: list[Path] = field(default_factory=list)
+    """Folders removed once every process stopped (e.g. private socket folders)."""
 
     def start(self, name: str, argv: list[str], env: dict[str, str], ready_url: str | None) -> Proc:
         """Start `argv` with its output in `<log_dir>/<name>.log`."""
@@ -67,10 +74,13 @@ class ProcessGroup:
         started = time.monotonic()
         deadline = started + timeout_s
         while time.monotonic() < deadline:
-            if not proc.alive():
-                raise StartupError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
+            for needed in (proc, *proc.needs):
+                if not needed.alive():
+                    code = needed.popen.returncode
+                    raise StartupError(f"{needed.name} exited ({code}):\n{needed.tail()}")
             try:
-                if httpx.get(proc.ready_url, timeout=2.0).status_code == 200:
+                reply = httpx.get(proc.ready_url, headers=proc.ready_headers, timeout=2.0)
+                if reply.status_code == 200:
                     return time.monotonic() - started
             except httpx.HTTPError:
                 pass
@@ -98,6 +108,9 @@ class ProcessGroup:
         """Stop every process this group started, newest first."""
         for proc in reversed(list(self.procs)):
             self.stop(proc)
+        for path in self.temp_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self.temp_dirs.clear()
 
 
 def _signal_group(proc: Proc, sig: signal.Signals) -> None:

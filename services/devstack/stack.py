@@ -6,24 +6,39 @@ import json
 import os
 import secrets
 import sys
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.devstack.procs import REPO, Proc, ProcessGroup
+from services.site_agent import instance_keys
 
 
 @dataclass(frozen=True)
 class Backend:
-    """One vLLM-CPU instance the stack starts."""
+    """One vLLM-CPU instance the stack starts: on a private Unix socket, behind the relay,
+    which listens on `port` and wants the key in `key_file` — as a site runs its instances."""
 
     model_dir: str
     served_name: str
     port: int
     extra_args: tuple[str, ...] = ()
+    key_file: str = ""
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def key(self) -> str:
+        """The key its relay wants (read from `key_file`)."""
+        return instance_keys.read_key(Path(self.key_file))
+
+
+def key_files(backends: Iterable[Backend]) -> dict[str, str]:
+    """Return each backend's key file by served name (FIRST_SITE_AGENT_BACKEND_KEY_FILES)."""
+    return {b.served_name: b.key_file for b in backends}
 
 
 def models_dir() -> Path:
@@ -32,36 +47,52 @@ def models_dir() -> Path:
     return Path(os.environ.get("FIRST_MODELS_DIR", default))
 
 
-def default_backends(chat_port: int = 8101, embed_port: int = 8102) -> list[Backend]:
-    """SmolLM2-135M-Instruct for chat/completions and all-MiniLM-L6-v2 for embeddings."""
+def default_backends(key_dir: Path, chat_port: int = 8101, embed_port: int = 8102) -> list[Backend]:
+    """SmolLM2-135M-Instruct for chat/completions and all-MiniLM-L6-v2 for embeddings; their
+    keys go to `key_dir` (made owner-only)."""
     base = models_dir()
     return [
-        Backend(str(base / "smollm2-135m"), "smollm2-135m", chat_port),
         Backend(
-            str(base / "all-minilm-l6-v2"), "all-minilm-l6-v2", embed_port, ("--runner", "pooling")
+            str(base / "smollm2-135m"),
+            "smollm2-135m",
+            chat_port,
+            key_file=str(key_dir / "smollm2-135m.key"),
+        ),
+        Backend(
+            str(base / "all-minilm-l6-v2"),
+            "all-minilm-l6-v2",
+            embed_port,
+            ("--runner", "pooling"),
+            key_file=str(key_dir / "all-minilm-l6-v2.key"),
         ),
     ]
 
 
+def _start_backend(group: ProcessGroup, backend: Backend) -> Proc:
+    """Start vLLM on a socket in a fresh 0700 folder and the relay before it; return the relay."""
+    key = instance_keys.new_key()
+    instance_keys.write_key(Path(backend.key_file), key)
+    sock_dir = Path(tempfile.mkdtemp(prefix="first-vllm-"))  # mode 0700
+    group.temp_dirs.append(sock_dir)
+    uds = str(sock_dir / "vllm.sock")
+    serve = [str(REPO / "scripts" / "vllm-serve"), backend.model_dir, backend.served_name, uds]
+    argv = [*serve, *backend.extra_args]
+    vllm = group.start(f"vllm-{backend.served_name}", argv, dict(os.environ), None)
+    relay = [sys.executable, "-m", "services.site_agent.relay", "--host", "127.0.0.1"]
+    relay += ["--port", str(backend.port), "--uds", uds, "--key-file", backend.key_file]
+    proc = group.start(
+        f"relay-{backend.served_name}", relay, dict(os.environ), f"{backend.url}/health"
+    )
+    proc.ready_headers = instance_keys.bearer(key)
+    proc.needs.append(vllm)
+    return proc
+
+
 def start_backends(group: ProcessGroup, backends: list[Backend], timeout_s: float = 300) -> None:
-    """Start every backend (in parallel) and wait until each answers /health."""
-    procs = [
-        group.start(
-            f"vllm-{b.served_name}",
-            [
-                str(REPO / "scripts" / "vllm-serve"),
-                b.model_dir,
-                b.served_name,
-                str(b.port),
-                *b.extra_args,
-            ],
-            dict(os.environ),
-            f"{b.url}/health",
-        )
-        for b in backends
-    ]
-    for proc in procs:
-        group.wait_ready(proc, timeout_s)
+    """Start every backend (in parallel) and wait until each answers /health with its key."""
+    relays = [_start_backend(group, b) for b in backends]
+    for relay in relays:
+        group.wait_ready(relay, timeout_s)
 
 
 @dataclass
@@ -72,6 +103,8 @@ class StackConfig:
     redis_url: str
     database_url: str
     backends: dict[str, list[str]]
+    backend_key_files: dict[str, str] = field(default_factory=dict)
+    """Served name -> the file with the key its backends want."""
     site_id: str = "local"
     gateway_port: int = 8000
     router_port: int = 8010
@@ -109,6 +142,8 @@ class StackConfig:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.backend_key_files:
+            env["FIRST_SITE_AGENT_BACKEND_KEY_FILES"] = json.dumps(self.backend_key_files)
         if self.files_dir:
             env["FIRST_GATEWAY_BATCH_DIR"] = self.files_dir
         env.update(self.extra_env)

@@ -34,14 +34,13 @@ def main(settings: Settings | None = None) -> None:
     settings = settings or parse_settings()
     configure_logging(settings.log_level, settings.log_json)
     logger.info(
-        "sim-vllm serving %s on %s:%d (%.0f tok/s, %d slots)",
+        "sim-vllm serving %s on %s (%.0f tok/s, %d slots)",
         settings.model,
-        settings.host,
-        settings.port,
+        settings.uds or f"{settings.host}:{settings.port}",
         settings.tokens_per_s,
         settings.slots,
     )
-    serve(create_app(settings), settings.host, settings.port)
+    serve(create_app(settings), settings.host, settings.port, settings.uds or None)
 
 
 @contextmanager

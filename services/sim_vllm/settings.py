@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     """The served model name (vLLM's --served-model-name)."""
     host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=0, le=65535)
+    uds: str = ""
+    """A Unix socket to listen on instead of host and port (vLLM's --uds)."""
     tokens_per_s: float = Field(default=200.0, gt=0)
     """Generation speed of each request."""
     ttft_ms: float = Field(default=20.0, ge=0)

@@ -27,6 +27,7 @@ from services.site_agent.execution import Executor
 from services.site_agent.forwarder import Forwarder
 from services.site_agent.handlers import Deps, handle_request, reject_if_forged
 from services.site_agent.heartbeat import Heartbeat
+from services.site_agent.instance_keys import read_key
 from services.site_agent.instances import InstanceManager
 from services.site_agent.launchers import make_launcher
 from services.site_agent.settings import Settings
@@ -87,12 +88,25 @@ def with_site_file(settings: Settings) -> tuple[Settings, SiteConfig | None]:
     return settings.model_copy(update=update), site
 
 
+def site_keys(site: SiteConfig | None) -> dict[str, str]:
+    """Read the keys of the site file's `urls` instances (KeyFileError if one is unreadable)."""
+    if site is None:
+        return {}
+    models = site.models.items()
+    return {m: read_key(c.api_key_file) for m, c in models if c.api_key_file is not None}
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the agent of `settings.site_id`; it connects only when the app starts."""
     settings, site = with_site_file(settings)
     broker = make_broker(settings.rabbit_url, prefetch=settings.prefetch)
     redis = make_redis(settings.redis_url)
-    backends = Backends(settings.backends, site.models if site is not None else None)
+    backends = Backends(
+        settings.backends,
+        site.models if site is not None else None,
+        env_keys={m: read_key(path) for m, path in settings.backend_key_files.items()},
+        site_keys=site_keys(site),
+    )
     manager = None
     if site is not None:
         launcher = make_launcher(site.launcher, site.state_dir)

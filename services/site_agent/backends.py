@@ -15,6 +15,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.messages import ModelState, ModelStatus
+from services.site_agent.instance_keys import bearer
 from services.site_agent.lifecycle import InstanceState, InstanceView, PoolView
 from services.site_agent.siteconfig import ModelConfig
 
@@ -110,6 +111,8 @@ class Instance:
     """
 
     url: str
+    key: str = field(default="", repr=False)
+    """The key it wants (`Authorization: Bearer`); "" for an instance that wants none."""
     healthy: bool = True
     in_flight: int = 0
     load: Load = field(default_factory=Load)
@@ -186,10 +189,12 @@ class Pool:
     `config` is None for a model given only by URLs in the environment (nothing to start).
     """
 
-    def __init__(self, model: str, urls: Sequence[str], config: ModelConfig | None = None) -> None:
+    def __init__(
+        self, model: str, urls: Sequence[str], config: ModelConfig | None = None, key: str = ""
+    ) -> None:
         self.model = model
         self.config = config
-        self.instances = [Instance(url.rstrip("/")) for url in urls]
+        self.instances = [Instance(url.rstrip("/"), key) for url in urls]
         self.held = 0
         self.wanted_until = 0.0
         self.failures = 0
@@ -292,11 +297,16 @@ class Pool:
     async def _probe_one(
         self, http: aiohttp.ClientSession, instance: Instance, timeout: aiohttp.ClientTimeout
     ) -> None:
+        headers = bearer(instance.key)
         try:
-            async with http.get(f"{instance.url}/health", timeout=timeout) as health:
+            async with http.get(
+                f"{instance.url}/health", headers=headers, timeout=timeout
+            ) as health:
                 healthy = health.status == 200
                 await health.read()  # to its end, so that the connection is reused
-            async with http.get(f"{instance.url}/metrics", timeout=timeout) as metrics:
+            async with http.get(
+                f"{instance.url}/metrics", headers=headers, timeout=timeout
+            ) as metrics:
                 metrics_status = metrics.status
                 text = (await metrics.read()).decode(errors="replace")
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -319,17 +329,28 @@ class Pool:
 
 
 class Backends:
-    """Every model's pool on this site: URLs from the environment and the site file's models."""
+    """Every model's pool on this site: URLs from the environment and the site file's models.
+
+    Per model, `env_keys` holds the key the environment's URLs want
+    (FIRST_SITE_AGENT_BACKEND_KEY_FILES) and `site_keys` the key of the site file's `urls`
+    (its `api_key_file`); a model without one sends no key.
+    """
 
     def __init__(
         self,
         config: Mapping[str, Sequence[str]],
         models: Mapping[str, ModelConfig] | None = None,
+        env_keys: Mapping[str, str] | None = None,
+        site_keys: Mapping[str, str] | None = None,
     ) -> None:
-        self.pools = {model: Pool(model, urls) for model, urls in config.items()}
+        env_keys = env_keys or {}
+        site_keys = site_keys or {}
+        self.pools = {
+            model: Pool(model, urls, key=env_keys.get(model, "")) for model, urls in config.items()
+        }
         for model, model_config in (models or {}).items():
             urls = [*self.pools.pop(model).instances] if model in self.pools else []
-            pool = Pool(model, model_config.urls, model_config)
+            pool = Pool(model, model_config.urls, model_config, site_keys.get(model, ""))
             pool.instances.extend(urls)
             self.pools[model] = pool
 

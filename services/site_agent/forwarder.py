@@ -10,6 +10,9 @@ The body is read as the bytes arrive, and all the events of one read go to Redis
 round trip: vLLM's role chunk and first token often come in one read, and time to first token
 would otherwise pay two sequential writes.
 
+Every request carries the instance's key (`Authorization: Bearer`): an instance this site
+started answers nothing without it (services/site_agent/relay.py).
+
 A backend that sends no usage at all (not vLLM) is billed by counting chunks with content as
 completion tokens, prompt tokens 0.
 """
@@ -31,6 +34,7 @@ from schemas.records import Chunk, ErrorInfo, Failure, Record, Response, Usage
 from services.common import streams
 from services.site_agent import errors, metrics
 from services.site_agent.backends import Pool, SessionOwner, backend_session
+from services.site_agent.instance_keys import bearer
 from services.site_agent.settings import Settings
 from services.site_agent.sse import DONE, SSESplitter
 
@@ -225,7 +229,7 @@ class Forwarder(SessionOwner):
 
     @contextlib.asynccontextmanager
     async def _post(
-        self, url: str, body: bytes, timeout: aiohttp.ClientTimeout
+        self, url: str, key: str, body: bytes, timeout: aiohttp.ClientTimeout
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """POST `body`; on leaving, close the connection unless the response was read to its end.
 
@@ -235,7 +239,8 @@ class Forwarder(SessionOwner):
         """
         if self._http is None:
             raise RuntimeError("Forwarder used outside `async with`")
-        async with self._http.post(url, data=body, headers=JSON_HEADERS, timeout=timeout) as resp:
+        headers = JSON_HEADERS | bearer(key)
+        async with self._http.post(url, data=body, headers=headers, timeout=timeout) as resp:
             try:
                 yield resp
             finally:
@@ -280,8 +285,8 @@ class Forwarder(SessionOwner):
             try:
                 with instance.busy():
                     if streaming:
-                        return await self._stream(request, url, body, progress)
-                    return await self._respond(request, url, body, progress)
+                        return await self._stream(request, url, instance.key, body, progress)
+                    return await self._respond(request, url, instance.key, body, progress)
             except TRY_NEXT as exc:
                 if progress.records_written > 0:  # the client has tokens: it cannot start over
                     return await self.fail(request, progress, errors.backend_error(repr(exc)))
@@ -302,9 +307,9 @@ class Forwarder(SessionOwner):
         return await self.fail(request, progress, errors.backend_unavailable(request.model))
 
     async def _respond(
-        self, request: RunInference, url: str, body: bytes, progress: Progress
+        self, request: RunInference, url: str, key: str, body: bytes, progress: Progress
     ) -> Result:
-        async with self._post(url, body, self._response_timeout) as response:
+        async with self._post(url, key, body, self._response_timeout) as response:
             status = response.status
             raw = await response.read()
         if status >= 400:
@@ -320,9 +325,9 @@ class Forwarder(SessionOwner):
         return Result("completed", progress.usage_so_far())
 
     async def _stream(
-        self, request: RunInference, url: str, body: bytes, progress: Progress
+        self, request: RunInference, url: str, key: str, body: bytes, progress: Progress
     ) -> Result:
-        async with self._post(url, body, self._stream_timeout) as response:
+        async with self._post(url, key, body, self._stream_timeout) as response:
             if response.status >= 400:
                 raw = await response.read()
                 return await self.fail(request, progress, errors.from_backend(response.status, raw))

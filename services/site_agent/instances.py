@@ -8,7 +8,9 @@ healthy yet, whether an unhealthy instance's process or job still exists — the
 
 Instances outlive the agent: on start it adopts what the launcher recovers (they become hot
 once healthy), and on a normal stop it leaves them running for the next agent, unless
-`stop_all` is called.
+`stop_all` is called. Each instance's key (launchers/base.py) is read back from the state
+folder, so an adopted instance is probed and used like one this agent started; one whose key
+is gone (started before instances had keys, or its file removed) cannot be used and is stopped.
 """
 
 from __future__ import annotations
@@ -69,8 +71,14 @@ class InstanceManager:
                 )
                 await self._launcher.stop(record)
                 continue
+            try:
+                key = self._launcher.key(record)
+            except LaunchError as exc:
+                logger.warning("stopping %s: %s", record.instance_id, exc)
+                await self._launcher.stop(record)
+                continue
             pool.instances.append(
-                Instance(record.url, healthy=False, state="starting", record=record)
+                Instance(record.url, key, healthy=False, state="starting", record=record)
             )
             adopted += 1
             logger.info(
@@ -112,7 +120,7 @@ class InstanceManager:
                     instance.record.url = instance.url
                 if instance.url:
                     instance.healthy = await probe_instance(
-                        instance.url, pool.model, self._probe_timeout_s
+                        instance.url, pool.model, self._probe_timeout_s, key=instance.key
                     )
             if not instance.healthy:
                 try:
@@ -159,7 +167,15 @@ class InstanceManager:
         if self._closed:  # stop_all ran while this start was on its way
             await self._launcher.stop(record)
             return
-        pool.instances.append(Instance(record.url, healthy=False, state="starting", record=record))
+        try:
+            key = self._launcher.key(record)
+        except LaunchError as exc:
+            self._failed(pool, f"start failed: {exc}")
+            await self._launcher.stop(record)
+            return
+        pool.instances.append(
+            Instance(record.url, key, healthy=False, state="starting", record=record)
+        )
 
     async def _stop(self, pool: Pool, instance: Instance, action: Stop) -> None:
         if action.failed:

@@ -23,6 +23,9 @@ class Settings(CommonSettings):
     port: int = 8020
     backends: dict[str, list[str]] = Field(default_factory=dict)
     """Served model name -> base URLs of its vLLM instances (env: JSON)."""
+    backend_key_files: dict[str, Path] = Field(default_factory=dict)
+    """Served model name -> a file (0600) with the key its `backends` want as
+    `Authorization: Bearer` (env: JSON); a model not named here is sent no key."""
     config_file: Path | None = None
     """The site file (TOML/YAML, services/site_agent/siteconfig.py): its site_id, models and
     launcher; models it lists are started and stopped by the agent. Env `backends` still add

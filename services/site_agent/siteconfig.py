@@ -12,7 +12,7 @@
 
     [models."meta-llama/Llama-3.1-8B-Instruct"]
     command = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/llama",
-               "--served-model-name", "{served_name}", "--host", "{host}", "--port", "{port}"]
+               "--served-model-name", "{served_name}", "--uds", "{uds}"]
     resources = { cpus = 16, memory_gb = 64, gpus = 4 }
     max_instances = 2      # at most this many instances at once
     max_concurrency = 16   # requests one instance takes at once (the heartbeat's capacity)
@@ -21,9 +21,15 @@
     scale_up_waiting = 4   # start another instance while waiting requests per instance exceed this
     start_timeout_s = 900  # an instance not healthy by then is stopped and the start failed
 
-`command` is an argv template: `{host}`, `{port}`, `{served_name}` and `{instance_id}` are filled
-in by the launcher when the instance starts. A model may instead (or also) list `urls` of
-instances someone else runs: those are always there, never started or stopped.
+`command` is an argv template: `{uds}`, `{served_name}` and `{instance_id}` are filled in by the
+launcher when the instance starts. The server must listen only on the Unix socket `{uds}`, in
+a folder no other user may enter; the launcher puts an authenticating relay on the node's
+host and port in front of it, which wants the instance's key on every request (see
+launchers/script.py and relay.py). A command naming `{host}` or `{port}` is refused.
+
+A model may instead (or also) list `urls` of instances someone else runs: those are always
+there, never started or stopped. `api_key_file` names a file (0600) with the key they want
+as `Authorization: Bearer`; the agent sends it with every request and probe.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class ModelConfig(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Resources()
     urls: tuple[str, ...] = ()
+    api_key_file: Path | None = None
+    """The key the `urls` instances want (a 0600 file); none: they are sent no key."""
     max_instances: int = Field(default=1, ge=0)
     max_concurrency: int = Field(default=8, ge=1)
     min_hot: int = Field(default=0, ge=0)
@@ -86,6 +94,9 @@ class LauncherConfig(_Strict):
     compute node's hostname for slurm and pbs."""
     submit_timeout_s: float = 30.0
     """Bound on one sbatch/qsub/scancel/qdel/scontrol/qstat call."""
+    relay_command: tuple[str, ...] = ()
+    """How a job runs the authenticating relay (services/site_agent/relay.py); empty: the
+    agent's own Python, `-m services.site_agent.relay` (its path must exist on the nodes)."""
 
 
 class SiteConfig(_Strict):

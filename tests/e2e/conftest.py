@@ -23,6 +23,7 @@ from services.devstack.stack import (
     Backend,
     StackConfig,
     default_backends,
+    key_files,
     start_backends,
     start_services,
 )
@@ -42,9 +43,10 @@ def free_port() -> int:
 async def _serving_url(launcher: LocalLauncher, record: InstanceRecord, limit_s: float) -> str:
     """Wait until the launched instance reported its URL and serves its model."""
     deadline = time.monotonic() + limit_s
+    key = launcher.key(record)
     while time.monotonic() < deadline:
         url = await launcher.locate(record)
-        if url and await probe_instance(url, record.model, 5.0):
+        if url and await probe_instance(url, record.model, 5.0, key=key):
             return url
         if not await launcher.alive(record):
             raise RuntimeError(f"vLLM instance {record.instance_id} exited while starting")
@@ -52,23 +54,40 @@ async def _serving_url(launcher: LocalLauncher, record: InstanceRecord, limit_s:
     raise TimeoutError(f"vLLM instance {record.instance_id} not serving within {limit_s:g} s")
 
 
+@dataclass
+class VllmServers:
+    """The session's vLLM-CPU servers, and how the chat one was launched."""
+
+    backends: dict[str, Backend]
+    launcher: LocalLauncher
+    chat: InstanceRecord
+
+
 @pytest.fixture(scope="session")
-def vllm_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Backend]]:
+def vllm_backends(vllm_servers: VllmServers) -> dict[str, Backend]:
+    """The session's vLLM-CPU servers by served name."""
+    return vllm_servers.backends
+
+
+@pytest.fixture(scope="session")
+def vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServers]:
     """SmolLM2 (chat) and MiniLM (embeddings) on vLLM-CPU, started once for the session.
 
     The chat model is started the way a site starts its models — through the site agent's
-    local launcher (wrapper script, reported URL, /health and /v1/models probe, stop) — which
-    makes it the suite's one real vLLM-CPU started through a launcher; the embeddings model is
-    started directly, in parallel.
+    local launcher (wrapper script, relay with the instance's key before vLLM on a private
+    socket, reported URL, /health and /v1/models probe, stop) — which makes it the suite's one
+    real vLLM-CPU started through a launcher; the embeddings model is started directly, in
+    parallel, behind the relay too (services/devstack/stack.py). Both want their key.
     """
-    chat, embeddings = default_backends(0, free_port())
+    state = tmp_path_factory.mktemp("vllm-state")
+    chat, embeddings = default_backends(state / "keys", 0, free_port())
     group = ProcessGroup(tmp_path_factory.mktemp("vllm-logs"))
-    launcher = LocalLauncher(LauncherConfig(kind="local"), tmp_path_factory.mktemp("vllm-state"))
+    launcher = LocalLauncher(LauncherConfig(kind="local"), state)
     venv = os.environ.get("FIRST_VLLM_VENV", str(Path.home() / ".cache/first/vllm-venv"))
     spec = InstanceSpec(
         instance_id="e2e-chat",
         model=chat.served_name,
-        command=(str(REPO / "scripts" / "vllm-serve"), chat.model_dir, "{served_name}", "{port}"),
+        command=(str(REPO / "scripts" / "vllm-serve"), chat.model_dir, "{served_name}", "{uds}"),
         env={"FIRST_VLLM_VENV": venv},  # the launcher passes no FIRST_* variable on by itself
         resources=Resources(cpus=2, memory_gb=4),
     )
@@ -78,8 +97,10 @@ def vllm_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
         url = asyncio.run(_serving_url(launcher, record, 400))
         port = urllib.parse.urlsplit(url).port
         assert port is not None, url
-        launched = Backend(chat.model_dir, chat.served_name, port)
-        yield {launched.served_name: launched, embeddings.served_name: embeddings}
+        key_file = str(launcher.key_path(record.instance_id))
+        launched = Backend(chat.model_dir, chat.served_name, port, key_file=key_file)
+        backends = {launched.served_name: launched, embeddings.served_name: embeddings}
+        yield VllmServers(backends, launcher, record)
     finally:
         asyncio.run(launcher.stop(record))
         group.stop_all()
@@ -118,6 +139,7 @@ def stack(
         redis_url=redis_url,
         database_url=database_url,
         backends={name: [b.url] for name, b in vllm_backends.items()},
+        backend_key_files=key_files(vllm_backends.values()),
         site_id="e2e",
         gateway_port=free_port(),
         router_port=free_port(),

@@ -43,9 +43,10 @@ def aclient(stack: Stack) -> openai.AsyncOpenAI:
 
 @pytest.fixture(scope="module")
 def direct(stack: Stack) -> openai.OpenAI:
-    """A client of the chat vLLM itself, bypassing FIRST."""
+    """A client of the chat vLLM itself (through its relay, with its key), bypassing FIRST."""
+    backend = stack.backends[CHAT]
     return openai.OpenAI(
-        base_url=f"{stack.backends[CHAT].url}/v1", api_key="unused", max_retries=0, timeout=120
+        base_url=f"{backend.url}/v1", api_key=backend.key, max_retries=0, timeout=120
     )
 
 
@@ -144,9 +145,8 @@ async def test_completions_async_client_stream_and_non_stream_match_vllm(
 async def test_embeddings_equal_vllm_and_are_billed_by_prompt_tokens(
     stack: Stack, client: openai.OpenAI
 ) -> None:
-    direct = openai.OpenAI(
-        base_url=f"{stack.backends[EMBED].url}/v1", api_key="unused", max_retries=0
-    )
+    embed = stack.backends[EMBED]
+    direct = openai.OpenAI(base_url=f"{embed.url}/v1", api_key=embed.key, max_retries=0)
     texts = ["Quantum chromodynamics on a lattice.", "A cat sat on the mat."]
     raw = client.embeddings.with_raw_response.create(model=EMBED, input=texts)
     reply = raw.parse()

@@ -26,6 +26,7 @@ from services.devstack.client import Outcome, stream
 from services.devstack.procs import Proc, ProcessGroup
 from services.devstack.stack import Backend, StackConfig, start_service
 from services.site_agent.backends import parse_metrics
+from services.site_agent.instance_keys import bearer
 from tests.e2e.conftest import free_port
 from tests.faults.conftest import gather_bounded, wait_ledger
 
@@ -41,6 +42,7 @@ class Sites:
     api_key: str
     agents: dict[str, Proc]
     backends: dict[str, str]  # site -> backend URL
+    keys: dict[str, str]  # site -> the key its backend wants ("" for none)
 
     def client(self) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=64)
@@ -75,7 +77,9 @@ def sites(
 ) -> Iterator[Sites]:
     group = ProcessGroup(tmp_path / "logs")
     try:
-        backends = {"real": vllm_backends[MODEL].url}
+        real = vllm_backends[MODEL]
+        backends = {"real": real.url}
+        keys = {"real": real.key, "fast": "", "slow": ""}
         for site, (speed, slots) in {"fast": (60, 8), "slow": (20, 4)}.items():
             port = free_port()
             _start_sim(group, port, speed, slots)
@@ -107,20 +111,22 @@ def sites(
                 "FIRST_SITE_AGENT_PORT": str(port),
                 "FIRST_SITE_AGENT_BACKENDS": f'{{"{MODEL}": ["{url}"]}}',
             }
+            if keys[site]:
+                env["FIRST_SITE_AGENT_BACKEND_KEY_FILES"] = f'{{"{MODEL}": "{real.key_file}"}}'
             argv = [sys.executable, "-m", "services.site_agent"]
             agents[site] = group.start(f"agent-{site}", argv, env, f"http://127.0.0.1:{port}/ready")
             group.wait_ready(agents[site], 90)
         procs["gateway"] = start_service(group, config, "gateway", 90)
         key = asyncio.run(issue_key(database_url, "federated"))
-        yield Sites(config, key, agents, backends)
+        yield Sites(config, key, agents, backends, keys)
     finally:
         group.stop_all()
 
 
-async def generated(url: str) -> float:
+async def generated(url: str, key: str = "") -> float:
     """The backend's own count of generated tokens (vLLM's and the simulator's /metrics)."""
     async with httpx.AsyncClient(timeout=5, trust_env=False) as http:
-        text = (await http.get(f"{url}/metrics")).text
+        text = (await http.get(f"{url}/metrics", headers=bearer(key))).text
     return parse_metrics(text, MODEL).generated_tokens
 
 
@@ -128,7 +134,7 @@ async def test_a_site_killed_mid_load_ends_every_request_and_the_ledger_matches_
     sites: Sites,
 ) -> None:
     headers = {"authorization": f"Bearer {sites.api_key}"}
-    before = {site: await generated(url) for site, url in sites.backends.items()}
+    before = {site: await generated(url, sites.keys[site]) for site, url in sites.backends.items()}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}]}
     body |= {"max_tokens": TOKENS, "stream": True, "stream_options": {"include_usage": True}}
     async with sites.client() as http:
@@ -164,7 +170,7 @@ async def test_a_site_killed_mid_load_ends_every_request_and_the_ledger_matches_
         if row.site_id != "real":  # the simulator sends one token per chunk
             assert billed == outcome.content_chunks
     await asyncio.sleep(1.0)  # let the backends notice dropped connections
-    after = {site: await generated(url) for site, url in sites.backends.items()}
+    after = {site: await generated(url, sites.keys[site]) for site, url in sites.backends.items()}
     backend_total = sum(after[s] - before[s] for s in after)
     billed_total = sum(r.completion_tokens for r in rows.values())
     assert 0 <= backend_total - billed_total <= CUT_SLACK * max(1, len(cut)), (

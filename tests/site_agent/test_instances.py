@@ -36,7 +36,7 @@ from tests.router.test_router import running_router, submit
 from tests.site_agent.helpers import make_request, read_stream, send_to_site, unique, wait_for
 
 SIM = [sys.executable, "-m", "services.sim_vllm", "--model", "{served_name}"]
-SIM += ["--host", "{host}", "--port", "{port}"]
+SIM += ["--uds", "{uds}"]
 
 
 def site_file(
@@ -228,6 +228,20 @@ async def test_a_restarted_agent_adopts_the_instances_it_left_running(world: Wor
         records = await world.serve_one()
         assert isinstance(records[0], Response)
     await wait_for(lambda: not _running(pid), within_s=10)
+
+
+async def test_an_instance_left_without_its_key_is_stopped_not_adopted(world: World) -> None:
+    model = world.model
+    config = world.file(min_hot=1, max_instances=1)
+    async with world.site(config, stop_instances=False) as app:
+        await wait_for(lambda: status(app, model).state == "hot", within_s=30)
+        (pid,) = pids(app, model)
+    (key_file,) = (world.tmp_path / "state" / "keys").glob("*.key")
+    key_file.unlink()  # as if started before instances had keys: nobody can use it
+    async with world.site(config) as app:
+        await wait_for(lambda: not _running(pid), within_s=15)
+        await wait_for(lambda: status(app, model).state == "hot", within_s=30)
+        assert pids(app, model) != [pid], "a new instance, with a key, took its place"
 
 
 async def test_a_model_that_never_becomes_healthy_ends_its_waiting_request_with_model_starting(

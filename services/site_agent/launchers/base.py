@@ -13,6 +13,10 @@ be on a file system the compute nodes share with the agent.
     <state_dir>/reports/<instance_id>.url      the URL the instance reported
     <state_dir>/jobs/<instance_id>.sh          the script that runs it
     <state_dir>/logs/<instance_id>.log         its output (kept after it stops)
+    <state_dir>/keys/<instance_id>.key         its key (0600, folder 0700; see instance_keys)
+
+The key is what makes an instance usable: its relay refuses every request without it, and
+only this agent (and its successor, which reads it back here) holds it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import ClassVar
 
 import msgspec
 
+from services.site_agent import instance_keys
 from services.site_agent.siteconfig import LauncherConfig, Resources
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,7 @@ class InstanceSpec:
     instance_id: str
     model: str
     command: tuple[str, ...]
-    """The argv template ({host}, {port}, {served_name}, {instance_id} not yet filled in)."""
+    """The argv template ({uds}, {served_name}, {instance_id} not yet filled in)."""
     env: Mapping[str, str]
     resources: Resources
 
@@ -119,6 +124,17 @@ class Launcher(abc.ABC):
         """Return the instance's log file."""
         return self.state_dir / "logs" / f"{check_instance_id(instance_id)}.log"
 
+    def key_path(self, instance_id: str) -> Path:
+        """Return the file that holds the instance's key."""
+        return self.state_dir / "keys" / f"{check_instance_id(instance_id)}.key"
+
+    def key(self, record: InstanceRecord) -> str:
+        """Return the instance's key; LaunchError when its file is missing or open to others."""
+        try:
+            return instance_keys.read_key(self.key_path(record.instance_id))
+        except instance_keys.KeyFileError as exc:
+            raise LaunchError(f"instance {record.instance_id}: {exc}") from exc
+
     def save(self, record: InstanceRecord) -> None:
         """Persist `record` atomically (a reader never sees half a file)."""
         path = self.record_path(record.instance_id)
@@ -149,6 +165,10 @@ class Launcher(abc.ABC):
         return records
 
     def forget(self, record: InstanceRecord) -> None:
-        """Delete the record and report of an instance that is gone (its log stays)."""
-        for path in (self.record_path(record.instance_id), self.report_path(record.instance_id)):
+        """Delete the record, report and key of an instance that is gone (its log stays)."""
+        for path in (
+            self.record_path(record.instance_id),
+            self.report_path(record.instance_id),
+            self.key_path(record.instance_id),
+        ):
             path.unlink(missing_ok=True)

@@ -8,30 +8,37 @@ import logging
 import aiohttp
 
 from services.site_agent.backends import backend_session
+from services.site_agent.instance_keys import bearer
 
 logger = logging.getLogger(__name__)
 
 
 async def probe_instance(
-    url: str, model: str, timeout_s: float, *, http: aiohttp.ClientSession | None = None
+    url: str,
+    model: str,
+    timeout_s: float,
+    *,
+    key: str = "",
+    http: aiohttp.ClientSession | None = None,
 ) -> bool:
     """Tell whether the instance at `url` is up and serves `model`; both GETs within `timeout_s`.
 
-    `http` is a session to reuse (one of backends.backend_session); without it, one is made
-    for this probe.
+    `key` is the instance's key (sent as `Authorization: Bearer`). `http` is a session to
+    reuse (one of backends.backend_session); without it, one is made for this probe.
     """
     if http is None:
         async with backend_session(2, aiohttp.ClientTimeout(total=timeout_s)) as own:
-            return await probe_instance(url, model, timeout_s, http=own)
+            return await probe_instance(url, model, timeout_s, key=key, http=own)
     base = url.rstrip("/")
+    headers = bearer(key)
     try:
         async with asyncio.timeout(timeout_s):
-            async with http.get(f"{base}/health") as health:
+            async with http.get(f"{base}/health", headers=headers) as health:
                 await health.read()  # to its end, so that the connection is reused
                 if health.status != 200:
                     logger.debug("%s/health answered %d", base, health.status)
                     return False
-            async with http.get(f"{base}/v1/models") as models:
+            async with http.get(f"{base}/v1/models", headers=headers) as models:
                 if models.status != 200:
                     logger.debug("%s/v1/models answered %d", base, models.status)
                     return False

@@ -1,10 +1,15 @@
 """The job wrapper every launcher runs, the scheduler commands' runner, and what they share.
 
-The wrapper is a bash script: it picks a free port on the machine it lands on, writes the
-instance's URL to the report file (a temporary file renamed over it, so a reader sees all of
-it or nothing), then `exec`s the model's command with {host} and {port} filled in. Running
-the server under the wrapper's own pid keeps signals (SIGTERM from `stop`, scancel, qdel)
-going straight to it.
+The wrapper is a bash script. It makes a private folder for the server's Unix socket
+(`mktemp -d`: mode 0700, so no other user can connect to the socket), picks a free port on
+the machine it lands on, and starts two processes: the authenticating relay
+(services/site_agent/relay.py) on {host}:{port}, which wants the instance's key on every
+request, and the model's command, which must listen only on {uds} (vLLM's `--uds`). It writes
+the instance's URL (the relay's) to the report file (a temporary file renamed over it, so a
+reader sees all of it or nothing), then waits: when either process ends, it stops the other,
+removes the socket's folder and exits with that status. A SIGTERM (`stop`, scancel, qdel) ends
+both. The key is read by the relay from its 0600 file: it is neither in the script nor on any
+command line (see services/site_agent/instance_keys.py).
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import logging
 import os
 import re
 import shlex
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from services.site_agent import instance_keys
 from services.site_agent.launchers.base import (
     InstanceRecord,
     InstanceSpec,
@@ -39,7 +46,8 @@ KILL_WAIT_S = 5.0
 """How long a scheduler command killed at its timeout may take to exit."""
 INSTANCE_ENV = "FIRST_INSTANCE_ID"
 """Set in the instance's environment: how the local launcher tells its processes from others."""
-_PLACEHOLDER = re.compile(r"(\{host\}|\{port\})")
+_PLACEHOLDER = re.compile(r"(\{uds\})")
+_TCP_PLACEHOLDER = re.compile(r"\{host\}|\{port\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Reads the kernel's TCP tables rather than probing: a port is taken when any socket, in any
@@ -66,26 +74,43 @@ if [[ -z $FIRST_PORT ]]; then
 fi"""
 
 
+_RELAY_ARGS = (
+    ' --host "$FIRST_HOST" --port "$FIRST_PORT" --uds "$FIRST_UDS" --key-file "$FIRST_KEY_FILE"'
+)
+"""The relay's options: where it listens, where the server is, where its key is."""
+# The end of the job: stop whichever of the relay and the server still runs, wait for them,
+# and remove the socket's folder. Runs on every exit, a SIGTERM's included.
+_SUPERVISE = """\
+first_pids=()
+first_end() {
+    trap '' TERM INT
+    kill -TERM "${first_pids[@]}" 2>/dev/null || true
+    wait
+    rm -rf "$FIRST_UDS_DIR"
+}
+trap first_end EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT"""
+
+
 def _shell_word(arg: str) -> str:
-    """Quote one argv element for bash, leaving {host} and {port} to expand in the job."""
+    """Quote one argv element for bash, leaving {uds} to expand in the job."""
     if not arg:
         return "''"
     parts = []
     for piece in _PLACEHOLDER.split(arg):
-        if piece == "{host}":
-            parts.append('"$FIRST_HOST"')
-        elif piece == "{port}":
-            parts.append('"$FIRST_PORT"')
+        if piece == "{uds}":
+            parts.append('"$FIRST_UDS"')
         elif piece:
             parts.append(shlex.quote(piece))
     return "".join(parts)
 
 
 def fill_command(template: Sequence[str], served_name: str, instance_id: str) -> list[str]:
-    """Fill in {served_name} and {instance_id}; {host} and {port} stay for the wrapper.
+    """Fill in {served_name} and {instance_id}; {uds} stays for the wrapper.
 
-    Only these four placeholders are replaced (no str.format): a command may well carry
-    braces of its own, e.g. a JSON argument.
+    Only these placeholders are replaced (no str.format): a command may well carry braces of
+    its own, e.g. a JSON argument.
     """
     return [
         arg.replace("{served_name}", served_name).replace("{instance_id}", instance_id)
@@ -93,33 +118,67 @@ def fill_command(template: Sequence[str], served_name: str, instance_id: str) ->
     ]
 
 
-def wrapper_body(spec: InstanceSpec, host: str, report: Path) -> str:
-    """Return the wrapper's lines (no #! line): pick a port, report the URL, exec the command.
+def check_command(command: Sequence[str], model: str) -> None:
+    """Raise ValueError for no command, or one that would listen on {host} or {port}.
 
-    `host` is where the instance listens and is reached; "" means the node's `hostname`.
+    The relay owns {host}:{port}; a server listening there itself would be open to anyone
+    on the cluster, since its own --api-key leaves most paths unguarded (relay.py). A server
+    must listen on {uds} (vLLM: `--uds {uds}`); one that does not is never reached, so never
+    healthy, and its start fails.
+    """
+    if not command:
+        raise ValueError(f"model {model!r} has no command to start it")
+    if any(_TCP_PLACEHOLDER.search(arg) for arg in command):
+        raise ValueError(
+            f"the command of model {model!r} names {{host}}/{{port}}: the relay listens there; "
+            "the server listens only on {uds}"
+        )
+
+
+def wrapper_body(
+    spec: InstanceSpec, host: str, report: Path, key_file: Path, relay: Sequence[str]
+) -> str:
+    """Return the wrapper's lines (no #! line): see the module docstring.
+
+    `host` is where the relay listens and is reached; "" means the node's `hostname`.
+    `key_file` holds the instance's key; `relay` is the argv that runs the relay.
     """
     check_instance_id(spec.instance_id)
-    if not spec.command:
-        raise ValueError(f"model {spec.model!r} has no command to start it")
+    check_command(spec.command, spec.model)
     bad = [name for name in spec.env if not _ENV_NAME.fullmatch(name)]
     if bad:
         raise ValueError(f"invalid environment variable names {bad}")
     lines = [
-        f"# FIRST instance {spec.instance_id} of {spec.model!r}: pick a port, report, serve.",
+        f"# FIRST instance {spec.instance_id} of {spec.model!r}: a relay, the server behind it.",
         "set -euo pipefail",
         f"export {INSTANCE_ENV}={shlex.quote(spec.instance_id)}",
         *(f"export {name}={shlex.quote(value)}" for name, value in sorted(spec.env.items())),
         f"FIRST_HOST={shlex.quote(host)}" if host else 'FIRST_HOST="$(hostname)"',
         f"FIRST_REPORT={shlex.quote(str(report))}",
+        f"FIRST_KEY_FILE={shlex.quote(str(key_file))}",
         _PICK_PORT.replace("PORT_MIN", str(PORT_RANGE[0])).replace("PORT_MAX", str(PORT_RANGE[1])),
+        'FIRST_UDS_DIR="$(mktemp -d "${TMPDIR:-/tmp}/first-XXXXXX")"',
+        # A socket's path must fit in 108 bytes; a long job TMPDIR would not leave room.
+        "if ((${#FIRST_UDS_DIR} > 90)); then",
+        '    rmdir "$FIRST_UDS_DIR"',
+        '    FIRST_UDS_DIR="$(mktemp -d /tmp/first-XXXXXX)"',
+        "fi",
+        'FIRST_UDS="$FIRST_UDS_DIR/server.sock"',
+        _SUPERVISE,
+        shlex.join(relay) + _RELAY_ARGS + " &",
+        'first_pids+=("$!")',
+        " ".join(
+            _shell_word(arg) for arg in fill_command(spec.command, spec.model, spec.instance_id)
+        )
+        + " &",
+        'first_pids+=("$!")',
         'mkdir -p "$(dirname "$FIRST_REPORT")"',
         'printf \'http://%s:%s\\n\' "$FIRST_HOST" "$FIRST_PORT" >"$FIRST_REPORT.tmp.$$"',
         'mv -f "$FIRST_REPORT.tmp.$$" "$FIRST_REPORT"',
         'echo "first: instance $FIRST_INSTANCE_ID at http://$FIRST_HOST:$FIRST_PORT" >&2',
-        "exec "
-        + " ".join(
-            _shell_word(arg) for arg in fill_command(spec.command, spec.model, spec.instance_id)
-        ),
+        "first_status=0",
+        "wait -n || first_status=$?",
+        'exit "$first_status"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -193,13 +252,18 @@ class ScriptLauncher(Launcher):
     def wrapper(self, spec: InstanceSpec, default_host: str) -> str:
         """Return the wrapper body for `spec`, on the configured host or else `default_host`."""
         host = self.config.host or default_host
-        return wrapper_body(spec, host, self.report_path(spec.instance_id))
+        relay = self.config.relay_command or (sys.executable, "-m", "services.site_agent.relay")
+        return wrapper_body(
+            spec, host, self.report_path(spec.instance_id), self.key_path(spec.instance_id), relay
+        )
 
     def prepare(self, instance_id: str) -> None:
-        """Make the folders of an instance's files; drop a report left by an earlier run."""
+        """Make the folders of an instance's files, drop a report left by an earlier run, and
+        give the instance a new key."""
         for path in (self.script_path(instance_id), self.log_path(instance_id)):
             path.parent.mkdir(parents=True, exist_ok=True)
         self.report_path(instance_id).unlink(missing_ok=True)
+        instance_keys.write_key(self.key_path(instance_id), instance_keys.new_key())
 
     async def locate(self, record: InstanceRecord) -> str:
         """Return the URL the instance reported ("" until it has); persist it once known."""

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
+from services.site_agent.instance_keys import bearer
 from services.site_agent.launchers import InstanceRecord, Launcher, probe_instance
 from services.site_agent.launchers.base import InstanceSpec
 from services.site_agent.siteconfig import Resources
@@ -21,10 +22,8 @@ SIM_COMMAND = (
     "services.sim_vllm",
     "--model",
     "{served_name}",
-    "--host",
-    "{host}",
-    "--port",
-    "{port}",
+    "--uds",
+    "{uds}",
 )
 
 
@@ -50,7 +49,7 @@ def fixed_spec(cpus: int, memory_gb: float, gpus: int = 0) -> InstanceSpec:
     return InstanceSpec(
         instance_id="t-abc",
         model="org/model",
-        command=("serve", "--port", "{port}"),
+        command=("serve", "--uds", "{uds}"),
         env={},
         resources=Resources(cpus=cpus, memory_gb=memory_gb, gpus=gpus),
     )
@@ -71,17 +70,23 @@ async def serving_url(launcher: Launcher, record: InstanceRecord, limit_s: float
 
     async def up() -> bool:
         url = await launcher.locate(record)
-        return bool(url) and await probe_instance(url, record.model, timeout_s=2.0)
+        key = launcher.key(record)
+        return bool(url) and await probe_instance(url, record.model, timeout_s=2.0, key=key)
 
     await eventually(up, limit_s, f"instance {record.instance_id} serving")
     return record.url
 
 
-async def chat(url: str, model: str) -> str:
-    """Send one chat completion; return the answer's text."""
+async def chat_response(url: str, model: str, key: str) -> httpx.Response:
+    """Send one chat completion with `key` ("": none); return the response."""
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    async with httpx.AsyncClient(timeout=10.0) as client:
-        response = await client.post(f"{url}/v1/chat/completions", json=body)
+    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
+        return await client.post(f"{url}/v1/chat/completions", json=body, headers=bearer(key))
+
+
+async def chat(url: str, model: str, key: str) -> str:
+    """Send one chat completion with the instance's key; return the answer's text."""
+    response = await chat_response(url, model, key)
     response.raise_for_status()
     text: str = response.json()["choices"][0]["message"]["content"]
     return text

@@ -15,6 +15,7 @@ from services.site_agent.launchers.local import LocalLauncher
 from services.site_agent.siteconfig import LauncherConfig
 from tests.site_agent.launchers.conftest import (
     chat,
+    chat_response,
     eventually,
     port_open,
     serving_url,
@@ -44,16 +45,19 @@ async def test_instance_serves_a_chat_completion_and_stop_closes_its_port(
     url = await serving_url(launcher, record, START_LIMIT_S)
 
     assert url.startswith("http://127.0.0.1:")
-    assert await chat(url, spec.model) == " tok1 tok2 tok3"
-    assert not await probe_instance(url, "another-model", timeout_s=2.0)
+    key = launcher.key(record)
+    assert await chat(url, spec.model, key) == " tok1 tok2 tok3"
+    assert (await chat_response(url, spec.model, "")).status_code == 401, "no key, no answer"
+    assert not await probe_instance(url, "another-model", timeout_s=2.0, key=key)
     assert launcher.saved() == [record], "the URL is persisted with the record"
 
     await launcher.stop(record)
 
     assert not await launcher.alive(record)
     assert not port_open(url)
-    assert not await probe_instance(url, spec.model, timeout_s=2.0)
+    assert not await probe_instance(url, spec.model, timeout_s=2.0, key=key)
     assert launcher.saved() == []
+    assert not launcher.key_path(record.instance_id).exists(), "its key is gone with it"
     assert "sim-vllm serving" in (tmp_path / "logs" / f"{spec.instance_id}.log").read_text()
 
 
@@ -71,6 +75,7 @@ async def test_a_new_launcher_recovers_running_instances_and_forgets_dead_ones(
 
     assert recovered == [kept]
     assert recovered[0].url == kept_url
+    assert restarted.key(recovered[0]) == launcher.key(kept), "read back from the state folder"
     assert [r.instance_id for r in restarted.saved()] == [kept.instance_id]
     await restarted.stop(recovered[0])
     assert not port_open(kept_url)

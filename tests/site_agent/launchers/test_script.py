@@ -19,6 +19,14 @@ from services.site_agent.launchers.slurm import SlurmLauncher
 from services.site_agent.siteconfig import LauncherConfig, Resources
 
 ECHO_ARGV = (sys.executable, "-c", "import json, sys; print(json.dumps(sys.argv[1:]))")
+IDLE_RELAY = ("bash", "-c", "exec sleep 30", "relay")
+"""A stand-in for the relay that only waits (its options land in bash's $1...): these tests
+look at the wrapper; the relay itself is tested in tests/site_agent/test_relay.py."""
+
+
+def wrapper_body(spec: InstanceSpec, host: str, report: Path) -> str:
+    """The wrapper of `spec` with the idle relay and a key file beside the report."""
+    return script.wrapper_body(spec, host, report, report.with_suffix(".key"), IDLE_RELAY)
 
 
 def spec(command: tuple[str, ...], instance_id: str = "t-1", **env: str) -> InstanceSpec:
@@ -38,9 +46,9 @@ def run_wrapper(body: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 def test_wrapper_reports_its_url_then_runs_the_command_with_every_placeholder_filled(
     tmp_path: Path,
 ) -> None:
-    args = ("{host}:{port}", "--name={served_name}", "{instance_id}", "a b'c", '{"k": 1}', "")
+    args = ("{uds}", "--name={served_name}", "{instance_id}", "a b'c", '{"k": 1}', "")
     report = tmp_path / "reports" / "t-1.url"
-    body = script.wrapper_body(spec((*ECHO_ARGV, *args)), "127.0.0.1", report)
+    body = wrapper_body(spec((*ECHO_ARGV, *args)), "127.0.0.1", report)
 
     done = run_wrapper(body, tmp_path)
 
@@ -49,8 +57,9 @@ def test_wrapper_reports_its_url_then_runs_the_command_with_every_placeholder_fi
     port = int(url.rsplit(":", 1)[1])
     assert url == f"http://127.0.0.1:{port}"
     assert script.PORT_RANGE[0] <= port <= script.PORT_RANGE[1]
-    assert json.loads(done.stdout) == [
-        f"127.0.0.1:{port}",
+    uds, *rest = json.loads(done.stdout)
+    assert uds.endswith("/server.sock")
+    assert rest == [
         "--name=org/model",
         "t-1",
         "a b'c",
@@ -60,13 +69,43 @@ def test_wrapper_reports_its_url_then_runs_the_command_with_every_placeholder_fi
     assert not list(report.parent.glob("*.tmp.*")), "the temporary report was renamed, not left"
 
 
+def test_wrapper_serves_on_a_socket_in_a_private_folder_and_removes_it_at_the_end(
+    tmp_path: Path,
+) -> None:
+    show = (
+        sys.executable,
+        "-c",
+        "import os, sys; d = os.path.dirname(sys.argv[1]); "
+        "print(d, oct(os.stat(d).st_mode & 0o777), os.stat(d).st_uid == os.getuid())",
+        "{uds}",
+    )
+    done = run_wrapper(wrapper_body(spec(show), "127.0.0.1", tmp_path / "r.url"), tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    folder, mode, own = done.stdout.split()
+    assert (mode, own) == ("0o700", "True"), "only its owner may enter the socket's folder"
+    assert not Path(folder).exists(), "removed when the job ended"
+
+
+def test_wrapper_ends_the_server_when_the_relay_ends(tmp_path: Path) -> None:
+    body = script.wrapper_body(
+        spec(("sleep", "30")), "127.0.0.1", tmp_path / "r.url", tmp_path / "k", ("false",)
+    )
+    started = time.monotonic()
+
+    done = run_wrapper(body, tmp_path)
+
+    assert done.returncode == 1, "the relay's status"
+    assert time.monotonic() - started < 10, "the server was stopped, not waited for"
+
+
 def test_wrapper_exports_the_spec_environment_and_the_instance_id(tmp_path: Path) -> None:
     show = (
         sys.executable,
         "-c",
         "import os; print(os.environ['MY_VAR'], os.environ['FIRST_INSTANCE_ID'])",
     )
-    body = script.wrapper_body(spec(show, MY_VAR="x $y 'z'"), "127.0.0.1", tmp_path / "r.url")
+    body = wrapper_body(spec(show, MY_VAR="x $y 'z'"), "127.0.0.1", tmp_path / "r.url")
 
     done = run_wrapper(body, tmp_path)
 
@@ -74,7 +113,7 @@ def test_wrapper_exports_the_spec_environment_and_the_instance_id(tmp_path: Path
 
 
 def test_wrapper_without_a_host_reports_the_node_hostname(tmp_path: Path) -> None:
-    body = script.wrapper_body(spec(("true",)), "", tmp_path / "r.url")
+    body = wrapper_body(spec(("true",)), "", tmp_path / "r.url")
 
     run_wrapper(body, tmp_path)
 
@@ -90,7 +129,7 @@ def test_wrapper_never_picks_a_port_in_use(tmp_path: Path, monkeypatch: pytest.M
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", free))  # fails the test if the neighbour is in use
         monkeypatch.setattr(script, "PORT_RANGE", (min(busy, free), max(busy, free)))
-        body = script.wrapper_body(spec(("true",)), "127.0.0.1", tmp_path / "r.url")
+        body = wrapper_body(spec(("true",)), "127.0.0.1", tmp_path / "r.url")
 
         ports = set()
         for _ in range(4):
@@ -99,7 +138,7 @@ def test_wrapper_never_picks_a_port_in_use(tmp_path: Path, monkeypatch: pytest.M
 
         assert ports == {free}
         monkeypatch.setattr(script, "PORT_RANGE", (busy, busy))
-        full = run_wrapper(script.wrapper_body(spec(("true",)), "h", tmp_path / "x.url"), tmp_path)
+        full = run_wrapper(wrapper_body(spec(("true",)), "h", tmp_path / "x.url"), tmp_path)
     assert full.returncode == 1
     assert "no free port" in full.stderr
     assert not (tmp_path / "x.url").exists()
@@ -112,13 +151,15 @@ def test_wrapper_never_picks_a_port_in_use(tmp_path: Path, monkeypatch: pytest.M
         ("has space", ("true",), {}),
         ("ok", (), {}),
         ("ok", ("true",), {"BAD-NAME": "x"}),
+        ("ok", ("serve", "--port", "{port}"), {}),
+        ("ok", ("serve", "--host={host}"), {}),
     ],
 )
 def test_wrapper_refuses_ids_commands_and_env_names_that_do_not_fit(
     instance_id: str, command: tuple[str, ...], env: dict[str, str], tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError, match=r"invalid|no command"):
-        script.wrapper_body(spec(command, instance_id, **env), "h", tmp_path / "r.url")
+    with pytest.raises(ValueError, match=r"invalid|no command|relay listens there"):
+        wrapper_body(spec(command, instance_id, **env), "h", tmp_path / "r.url")
 
 
 def test_read_report_ignores_a_missing_or_garbled_file(tmp_path: Path) -> None:

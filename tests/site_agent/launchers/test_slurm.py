@@ -25,6 +25,7 @@ from services.site_agent.launchers.slurm import (
 from services.site_agent.siteconfig import LauncherConfig
 from tests.site_agent.launchers.conftest import (
     chat,
+    chat_response,
     eventually,
     fixed_spec,
     port_open,
@@ -119,7 +120,8 @@ async def test_job_serves_a_chat_completion_and_scancel_ends_it(launcher: SlurmL
     url = await serving_url(launcher, record, START_LIMIT_S)
 
     assert url.startswith(f"http://{socket.gethostname()}:"), "the node's hostname by default"
-    assert await chat(url, spec.model) == " tok1 tok2 tok3"
+    assert await chat(url, spec.model, launcher.key(record)) == " tok1 tok2 tok3"
+    assert (await chat_response(url, spec.model, "")).status_code == 401, "no key, no answer"
 
     await launcher.stop(record)
 
