@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -18,7 +19,13 @@ from services.common.db import make_engine
 from services.common.logging import configure_logging
 from services.common.settings import CommonSettings
 from services.devstack.procs import REPO, ProcessGroup, StartupError
-from services.devstack.stack import StackConfig, default_backends, start_backends, start_services
+from services.devstack.stack import (
+    StackConfig,
+    default_backends,
+    redis_users,
+    start_backends,
+    start_services,
+)
 from services.gateway import apikeys
 
 logger = logging.getLogger("first.dev")
@@ -102,12 +109,16 @@ def main() -> None:
         },
     )
     group = ProcessGroup(state / "logs")
+    users = contextlib.ExitStack()  # each service's own Redis user, deleted when the stack stops
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         logger.info("starting vLLM-CPU backends (about 40 s); logs in %s", group.log_dir)
         start_backends(group, backends)
         start_fake_globus(group, globus_url, globus_secret)
+        config.redis_env = users.enter_context(
+            redis_users(common.redis_url, config.site_id, "first-dev-")
+        )
         start_services(group, config)
         token = mint_demo_token(globus_url)
         key = asyncio.run(_dev_key(database_url, _previous_key(state / "dev.env")))
@@ -131,6 +142,7 @@ def main() -> None:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         group.stop_all()
+        users.close()
 
 
 if __name__ == "__main__":
