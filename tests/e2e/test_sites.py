@@ -10,7 +10,9 @@ generation counters exceed it by at most a few tokens per cut request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ import pytest
 
 from services.devstack.client import Outcome, stream
 from services.devstack.procs import Proc, ProcessGroup
-from services.devstack.stack import Backend, StackConfig, start_service
+from services.devstack.stack import Backend, StackConfig, redis_users, start_service
 from services.gateway.apikeys import issue_key
 from services.site_agent.backends import parse_metrics
 from tests.e2e.conftest import free_port
@@ -74,6 +76,7 @@ def sites(
     tmp_path: Path,
 ) -> Iterator[Sites]:
     group = ProcessGroup(tmp_path / "logs")
+    users = contextlib.ExitStack()
     try:
         backends = {"real": vllm_backends[MODEL].url}
         for site, (speed, slots) in {"fast": (60, 8), "slow": (20, 4)}.items():
@@ -98,11 +101,16 @@ def sites(
                 "FIRST_SITE_AGENT_PREFETCH": "6",
             },
         )
+        # Each service on its own Redis user; the three agents share one site user (its rules
+        # are every site's).
+        prefix = f"t{secrets.token_hex(3)}-"
+        config.redis_env = users.enter_context(redis_users(config.redis_url, "sites", prefix))
         procs = {name: start_service(group, config, name, 90) for name in ("accounting", "router")}
         agents = {}
         for site, url in backends.items():
             port = free_port()
-            env = config.env() | {
+            env = config.env() | config.redis_env["site_agent"]
+            env |= {
                 "FIRST_SITE_AGENT_SITE_ID": site,
                 "FIRST_SITE_AGENT_PORT": str(port),
                 "FIRST_SITE_AGENT_BACKENDS": f'{{"{MODEL}": ["{url}"]}}',
@@ -115,6 +123,7 @@ def sites(
         yield Sites(config, key, agents, backends)
     finally:
         group.stop_all()
+        users.close()
 
 
 async def generated(url: str) -> float:
