@@ -9,7 +9,9 @@ suite (tests/e2e/conftest.py, with real vLLM).
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+import re
 import secrets
 import subprocess
 import sys
@@ -84,6 +86,31 @@ def test_a_site_user_needs_its_site_id_and_names_must_be_plain() -> None:
         acl_for("site", "s")
     with pytest.raises(ValueError, match="user name"):
         acl_for("gateway", "a b")
+
+
+SERVICES = Path(__file__).resolve().parents[2] / "services"
+
+
+def lua_scripts() -> list[tuple[str, str]]:
+    """Every Lua script in services/ (a string constant that calls Redis), with its file."""
+    found = []
+    for path in sorted(SERVICES.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and "redis.call(" in str(node.value):
+                found.append((str(path.relative_to(SERVICES)), str(node.value)))
+    return found
+
+
+def test_every_lua_script_names_its_keys_in_keys() -> None:
+    """ACLs check the keys a script declares before it runs; a key built inside Lua escapes it."""
+    scripts = lua_scripts()
+    assert len(scripts) >= 6, scripts  # the look, admission, end-if-new, registry and lock scripts
+    for where, script in scripts:
+        for key in re.findall(r"redis\.call\(\s*'\w+',\s*([^,)]+)", script):
+            declared = key.startswith("KEYS[") or (key == "key" and "in ipairs(KEYS)" in script)
+            assert declared, (where, key)
+        assert "first:" not in script, where
+        assert ".." not in script, where  # no key names concatenated in Lua
 
 
 def run_setup(admin_urls: list[str], prefix: str, out: Path, *extra: str) -> str:
