@@ -55,8 +55,8 @@ import httpx  # noqa: E402
 
 from benchmarks.federation import FederationStack, Sims, Site  # noqa: E402
 from benchmarks.overhead import Client, fmt, pct, run_benchmark, wait_gateway  # noqa: E402
+from services.access import apikeys  # noqa: E402
 from services.devstack.client import Outcome, stream  # noqa: E402
-from services.gateway import apikeys  # noqa: E402
 from services.sim_vllm.parsing import CHAT_OVERHEAD, MESSAGE_OVERHEAD  # noqa: E402
 from tests.faults.privates import PrivateRabbit  # noqa: E402
 

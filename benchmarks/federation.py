@@ -65,10 +65,10 @@ from benchmarks.overhead import (  # noqa: E402
     run_benchmark,
     wait_gateway,
 )
+from services.access import apikeys  # noqa: E402
 from services.devstack.client import Outcome, stream  # noqa: E402
 from services.devstack.procs import Proc, ProcessGroup  # noqa: E402
 from services.devstack.stack import StackConfig, service_port  # noqa: E402
-from services.gateway import apikeys  # noqa: E402
 from services.router.policy import POLICIES, Policy  # noqa: E402
 from services.sim_vllm.parsing import CHAT_OVERHEAD, MESSAGE_OVERHEAD  # noqa: E402
 from tests.faults.privates import PrivateRabbit, free_port, free_ports  # noqa: E402
@@ -233,7 +233,7 @@ class FederationStack(Stack):
             batch_worker_port=self._ports[3],
             files_dir=str(self.workdir / "files"),
             extra_env={
-                "FIRST_GATEWAY_MODELS": json.dumps([{"name": MODEL}]),
+                "FIRST_ACCESS_MODELS": json.dumps([{"name": MODEL}]),
                 "FIRST_GATEWAY_FIRST_RECORD_TIMEOUT_S": str(FIRST_RECORD_TIMEOUT_S),
                 "FIRST_ROUTER_POLICY": self.policy,
                 "FIRST_LOG_LEVEL": "WARNING",

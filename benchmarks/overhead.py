@@ -57,10 +57,10 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 
+from services.access import apikeys  # noqa: E402
 from services.devstack.client import Outcome, stream  # noqa: E402
 from services.devstack.procs import Proc, ProcessGroup, StartupError  # noqa: E402
 from services.devstack.stack import StackConfig, start_service  # noqa: E402
-from services.gateway import apikeys  # noqa: E402
 from tests.faults.privates import PrivateRedis, free_port  # noqa: E402
 
 RABBIT_URL = os.environ.get("FIRST_BENCH_RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -429,7 +429,7 @@ class Stack:
             agent_port=free_port(),
             accounting_port=free_port(),
             extra_env={
-                "FIRST_GATEWAY_MODELS": json.dumps([{"name": FAST}, {"name": SLOW}]),
+                "FIRST_ACCESS_MODELS": json.dumps([{"name": FAST}, {"name": SLOW}]),
                 "FIRST_LOG_LEVEL": "WARNING",
                 "FIRST_SITE_AGENT_MAX_CONCURRENCY_PER_INSTANCE": "1024",
                 "FIRST_SITE_AGENT_PREFETCH": "512",

@@ -110,6 +110,11 @@ def stream_key(request_id: str) -> str:
     return f"first:stream:{request_id}"
 
 
+def request_id_key(request_id: str) -> str:
+    """Return the key that reserves a request id for its owner (services/access/request_ids.py)."""
+    return f"first:reqid:{request_id}"
+
+
 def cancel_key(request_id: str) -> str:
     """Return the key the gateway sets when a request's client went away."""
     return f"first:cancel:{request_id}"

@@ -122,11 +122,11 @@ def fake_globus(
 
 
 def _register_subapps() -> None:
+    from services.access.keys_cli import keys_app
     from services.accounting.cli import usage_app
     from services.common.rabbit_cli import rabbit_app
     from services.common.redis_cli import redis_app
     from services.gateway.batch_cli import batch_app
-    from services.gateway.keys_cli import keys_app
     from services.producer.cli import queue_app
     from services.site_agent.supervise_cli import sites_app
 

@@ -7,6 +7,7 @@ took the row. Reports group a day by the UTC date of `finished_at`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Final
@@ -15,10 +16,15 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from schemas.codec import encode
 from schemas.messages import UsageRecorded
 from services.accounting.errors import LedgerUnavailable, UnsupportedDatabase
+from services.accounting.metrics import LEDGER_CONFLICTS
+from services.common.db import create_tables
+
+logger = logging.getLogger(__name__)
 
 metadata: Final = sa.MetaData()
 
@@ -41,6 +47,18 @@ usage_ledger: Final = sa.Table(
     sa.Index("ix_usage_ledger_finished_at", "finished_at"),
     sa.Index("ix_usage_ledger_user_id_finished_at", "user_id", "finished_at"),
 )
+
+usage_conflicts: Final = sa.Table(
+    "usage_conflicts",
+    metadata,
+    sa.Column("request_id", sa.String, primary_key=True),
+    sa.Column("user_id", sa.String, primary_key=True),
+    sa.Column("owner_user_id", sa.String, nullable=False),
+    sa.Column("event", sa.LargeBinary, nullable=False),
+    sa.Column("recorded_at", sa.Double, nullable=False),
+)
+"""Usage events refused because their request_id is billed to another user: parked here, with
+the event as it came (msgpack), for an operator; never billed, never dropped."""
 
 _EVENT_COLUMNS: Final = tuple(col.name for col in usage_ledger.c if col.name != "recorded_at")
 
@@ -84,8 +102,7 @@ async def create_schema(engine: AsyncEngine) -> None:
     """Create the ledger table and its indexes if they do not exist."""
     _check_dialect(engine)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+        await create_tables(engine, metadata)
     except DB_ERRORS as exc:
         raise LedgerUnavailable(f"cannot create the ledger schema: {describe(exc)}") from exc
 
@@ -111,22 +128,67 @@ _INSERT_NEW: Final = {dialect: _insert_new(dialect) for dialect in ("postgresql"
 _WRITE_ERRORS: Final = (*DB_ERRORS, OverflowError)
 
 
+async def _park_conflicts(
+    conn: AsyncConnection, events: dict[str, UsageRecorded], inserted: set[str], at: float
+) -> None:
+    """Park the events whose request_id the ledger already bills to another user.
+
+    A request id is owned (services/access/request_ids.py); one that arrives under a second
+    user is an attack or a bug, never a redelivery, and is refused loudly.
+    """
+    repeated = [key for key in events if key not in inserted]
+    if not repeated:
+        return
+    query = sa.select(usage_ledger.c.request_id, usage_ledger.c.user_id).where(
+        usage_ledger.c.request_id.in_(repeated)
+    )
+    owners = {key: user for key, user in (await conn.execute(query)).all()}
+    parked = [
+        {
+            "request_id": key,
+            "user_id": events[key].user_id,
+            "owner_user_id": owners[key],
+            "event": encode(events[key]),
+            "recorded_at": at,
+        }
+        for key in repeated
+        if key in owners and owners[key] != events[key].user_id
+    ]
+    if not parked:
+        return
+    dialect = conn.dialect.name
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(usage_conflicts)
+    await conn.execute(insert.on_conflict_do_nothing(), parked)
+    for row in parked:
+        LEDGER_CONFLICTS.inc()
+        logger.error(
+            "usage refused: request %s is billed to user %s, not to %s; event parked in %s",
+            row["request_id"],
+            row["owner_user_id"],
+            row["user_id"],
+            usage_conflicts.name,
+        )
+
+
 async def record_batch(engine: AsyncEngine, events: Sequence[UsageRecorded]) -> set[str]:
     """Insert the events' rows in one transaction; return the request_ids that were new.
 
-    Of several events with one request_id only the first is written. Raises
-    LedgerUnavailable if the transaction did not commit (then nothing was written).
+    Of several events with one request_id only the first is written. An event whose
+    request_id is already billed to another user is parked (`usage_conflicts`), not billed.
+    Raises LedgerUnavailable if the transaction did not commit (then nothing was written).
     """
     statement = _INSERT_NEW[_check_dialect(engine)]
     if not events:
         return set()  # SQLAlchemy would run an empty executemany as one INSERT without values
     recorded_at = time.time()
     rows: dict[str, dict[str, object]] = {}
+    firsts: dict[str, UsageRecorded] = {}
     for event in events:
         if event.request_id not in rows:
             row: dict[str, object] = {name: getattr(event, name) for name in _EVENT_COLUMNS}
             row["recorded_at"] = recorded_at
             rows[event.request_id] = row
+            firsts[event.request_id] = event
     # Rows in key order: two writers (replicas, or a redelivery racing its original) that
     # insert overlapping request_ids then take PostgreSQL's index locks in the same order
     # and cannot deadlock.
@@ -134,7 +196,9 @@ async def record_batch(engine: AsyncEngine, events: Sequence[UsageRecorded]) -> 
     try:
         async with engine.begin() as conn:
             result = await conn.execute(statement, ordered)
-            return set(result.scalars().all())
+            inserted = set(result.scalars().all())
+            await _park_conflicts(conn, firsts, inserted, recorded_at)
+            return inserted
     except _WRITE_ERRORS as exc:
         raise LedgerUnavailable(f"cannot record usage: {describe(exc)}") from exc
 

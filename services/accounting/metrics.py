@@ -33,3 +33,9 @@ LEDGER_BATCH: Final = Histogram(
     "Usage events per committed ledger transaction, duplicates included",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+
+LEDGER_CONFLICTS: Final = Counter(
+    "first_accounting_ledger_conflicts",
+    "Usage events refused because their request_id is billed to another user (parked in "
+    "usage_conflicts)",
+)

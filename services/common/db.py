@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///.first/first.db"
@@ -48,3 +50,27 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(
         url, pool_size=5, max_overflow=5, pool_timeout=10, pool_pre_ping=True
     )
+
+
+_RACED = (OperationalError, ProgrammingError, IntegrityError)
+"""What CREATE TABLE raises when another process created the table between SQLAlchemy's check
+and its statement (SQLite: "already exists"; PostgreSQL: DuplicateTable, or a unique
+violation on pg_type)."""
+
+
+async def create_tables(engine: AsyncEngine, metadata: sa.MetaData, attempts: int = 10) -> None:
+    """Create `metadata`'s missing tables, safe against other processes doing it at once.
+
+    Services start side by side on one database: when two race, the loser's statement fails;
+    trying again finds the tables there (create_all checks first). Each lost race means
+    another process created a table or index, so the tries needed are bounded by the number
+    of them; a real failure persists and is raised after `attempts` tries.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(metadata.create_all)
+            return
+        except _RACED:
+            if attempt == attempts:
+                raise

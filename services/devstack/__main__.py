@@ -15,6 +15,7 @@ from types import FrameType
 
 import httpx
 
+from services.access import apikeys
 from services.common.db import make_engine
 from services.common.logging import configure_logging
 from services.common.settings import CommonSettings
@@ -26,7 +27,6 @@ from services.devstack.stack import (
     start_backends,
     start_services,
 )
-from services.gateway import apikeys
 
 logger = logging.getLogger("first.dev")
 
@@ -102,10 +102,10 @@ def main() -> None:
         files_dir=str(state / "files"),
         # Globus Auth as the services would use it, against the local stand-in.
         extra_env={
-            "FIRST_GATEWAY_GLOBUS_CLIENT_ID": DEMO_CLIENT_ID,
-            "FIRST_GATEWAY_GLOBUS_CLIENT_SECRET": globus_secret,
-            "FIRST_GATEWAY_GLOBUS_AUTH_URL": globus_url,
-            "FIRST_GATEWAY_GLOBUS_GROUPS_URL": globus_url,
+            "FIRST_ACCESS_GLOBUS_CLIENT_ID": DEMO_CLIENT_ID,
+            "FIRST_ACCESS_GLOBUS_CLIENT_SECRET": globus_secret,
+            "FIRST_ACCESS_GLOBUS_AUTH_URL": globus_url,
+            "FIRST_ACCESS_GLOBUS_GROUPS_URL": globus_url,
         },
     )
     group = ProcessGroup(state / "logs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ class StackConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per service (by name in SERVICES), on top of `env()`: e.g. its own RabbitMQ user."""
+    cache_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    """Seals cached principals (FIRST_ACCESS_CACHE_SECRET): given only to ADMITTING services."""
     redis_env: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per service (by name in SERVICES), on top of the rest: its own Redis user."""
 
@@ -121,6 +124,8 @@ class StackConfig:
 SERVICES = ("accounting", "router", "site_agent", "gateway", "batch_worker")
 MODULES = {"batch_worker": "gateway.batch_service"}
 """A service's module under services/, where it is not the service's name."""
+ADMITTING = frozenset({"gateway", "router", "batch_worker"})
+"""The services that decide who a caller is, and so hold the cache secret (no site agent)."""
 RABBIT_ROLE = {"batch_worker": "gateway"}
 """The batch worker publishes and reads what the gateway may: it runs as the gateway's user."""
 
@@ -146,6 +151,7 @@ def start_service(
         [sys.executable, "-m", f"services.{MODULES.get(name, name)}"],
         config.env()
         | config.service_env.get(RABBIT_ROLE.get(name, name), {})
+        | ({"FIRST_ACCESS_CACHE_SECRET": config.cache_secret} if name in ADMITTING else {})
         | config.redis_env.get(name, {}),
         f"http://127.0.0.1:{port}/ready",
     )

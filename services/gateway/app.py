@@ -14,21 +14,22 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 from schemas.records import ErrorInfo
+from services.access import apikeys
+from services.access.admission import build_access
+from services.access.errors import ApiError
+from services.access.settings import AccessSettings
 from services.accounting import ledger
 from services.common import topology
 from services.common.broker import make_broker
 from services.common.db import make_engine
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
-from services.gateway import apikeys, batch_db
-from services.gateway.auth import ApiKeyAuthenticator, Authenticator
+from services.gateway import batch_db
 from services.gateway.batch_routes import router as batch_router
-from services.gateway.errors import ApiError, error_response
+from services.gateway.errors import error_response
 from services.gateway.filestore import DirectoryStore
-from services.gateway.globus_auth import globus_from_settings
 from services.gateway.inference import Gateway
 from services.gateway.middleware import ObserveRequests
-from services.gateway.quotas import Quotas
 from services.gateway.registry import RegistryView
 from services.gateway.routes import OPENAPI_COMPONENTS, router
 from services.gateway.settings import Settings
@@ -38,15 +39,24 @@ from services.gateway.usage_routes import router as usage_router
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Return the gateway app; its lifespan connects to RabbitMQ, Redis and SQL."""
+def create_app(settings: Settings, access: AccessSettings) -> FastAPI:
+    """Return the gateway app; its lifespan connects to RabbitMQ, Redis and SQL.
+
+    `access` is who may ask for what (services/access), the same settings the router admits
+    direct producers with.
+    """
     broker = make_broker(settings.rabbit_url)
     redis = make_redis(settings.redis_url)
     engine = make_engine(settings.database_url)
+    # API keys may live elsewhere than files and batches; one engine when they do not.
+    keys_engine = (
+        engine if access.database_url == settings.database_url else make_engine(access.database_url)
+    )
+    gate = build_access(access, redis, keys_engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await apikeys.create_schema(engine)
+        await apikeys.create_schema(keys_engine)
         await ledger.create_schema(engine)  # the report reads it, even before any usage
         await batch_db.create_schema(engine)
         await broker.connect()
@@ -64,12 +74,9 @@ def create_app(settings: Settings) -> FastAPI:
             engine=engine,
             reader=reader,
             registry=RegistryView(redis, settings.registry_cache_s),
-            quotas=Quotas(redis, settings),
+            access=gate,
         )
-        app.state.authenticator = Authenticator(
-            ApiKeyAuthenticator(engine, redis, settings.apikey_cache_ttl_s),
-            globus_from_settings(settings, redis),
-        )
+        app.state.authenticator = gate.authenticator
         try:
             yield
         finally:
@@ -77,6 +84,8 @@ def create_app(settings: Settings) -> FastAPI:
             await broker.stop()
             await redis.aclose()
             await engine.dispose()
+            if keys_engine is not engine:
+                await keys_engine.dispose()
 
     app = FastAPI(title="FIRST gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     _document_bodies(app)

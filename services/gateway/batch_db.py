@@ -17,6 +17,8 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.common.db import create_tables
+
 LineState = Literal["pending", "published", "done"]
 
 metadata = sa.MetaData()
@@ -138,8 +140,7 @@ def _row(kind: type[Any], row: sa.RowMapping) -> Any:
 
 async def create_schema(engine: AsyncEngine) -> None:
     """Create the tables if they are missing."""
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    await create_tables(engine, metadata)
 
 
 async def insert_file(engine: AsyncEngine, row: FileRow) -> None:

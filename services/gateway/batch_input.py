@@ -15,7 +15,7 @@ from typing import Any, Final
 import msgspec
 
 from schemas.messages import Endpoint
-from services.gateway.errors import ApiError, InvalidRequest
+from services.access.errors import ApiError, InvalidRequest
 
 URLS: Final[dict[str, Endpoint]] = {
     "/v1/chat/completions": "chat.completions",

@@ -16,11 +16,11 @@ import msgspec
 from redis.asyncio import Redis
 
 from schemas.messages import Endpoint, RunInference
+from services.access.principal import Principal
+from services.access.quotas import Check, plan, refusal
+from services.access.settings import AccessSettings, CatalogueModel
 from services.gateway.batch_db import BatchRow
 from services.gateway.batch_input import URLS, run_body
-from services.gateway.principal import Principal
-from services.gateway.quotas import Check, plan, refusal
-from services.gateway.settings import CatalogueModel, Settings
 
 _groups = msgspec.json.Decoder(list[str])
 _model = msgspec.json.Decoder(dict[str, object])
@@ -65,14 +65,14 @@ def line_job(
     )
 
 
-def budget_checks(principal: Principal, settings: Settings, now: float) -> list[Check]:
+def budget_checks(principal: Principal, settings: AccessSettings, now: float) -> list[Check]:
     """Return the token budgets a batch line draws on: day and month, not per minute (pure)."""
     return [
         c for c in plan(principal, settings, now) if c.counter == "tokens" and c.period != "minute"
     ]
 
 
-async def spent_budget(redis: Redis, principal: Principal, settings: Settings) -> str | None:
+async def spent_budget(redis: Redis, principal: Principal, settings: AccessSettings) -> str | None:
     """Return why the owner's token budget is spent (the 429's message), None if it is not."""
     now = time.time()
     checks = budget_checks(principal, settings, now)

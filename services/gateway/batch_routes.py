@@ -17,8 +17,9 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from schemas.messages import Endpoint
+from services.access.errors import InvalidRequest, NotFound
+from services.access.principal import Principal
 from services.gateway import batch_db
-from services.gateway.admission import check_request
 from services.gateway.batch_input import URLS, parse_input
 from services.gateway.batch_objects import (
     batch_object,
@@ -26,9 +27,7 @@ from services.gateway.batch_objects import (
     new_batch_id,
     new_file_id,
 )
-from services.gateway.errors import InvalidRequest, NotFound
 from services.gateway.filestore import FileStore
-from services.gateway.principal import Principal
 from services.gateway.routes import GatewayDep, PrincipalDep
 
 router = APIRouter()
@@ -76,7 +75,7 @@ async def create_file(request: Request, gw: GatewayDep, principal: PrincipalDep)
     filename, purpose, data = await _upload(request, gw.settings.batch_max_file_bytes)
 
     def check_body(endpoint: Endpoint, body: bytes) -> None:
-        check_request(endpoint, body, principal, gw.catalogue, gw.settings.max_tokens_cap)
+        gw.access.check(endpoint, body, principal)
 
     parsed = parse_input(data, gw.settings.batch_max_lines, check_body)
     row = batch_db.FileRow(

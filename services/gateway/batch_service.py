@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from schemas import names
 from schemas.codec import reply_decoder
+from services.access.settings import AccessSettings
 from services.common import topology
 from services.common.broker import (
     PUBLISH_ERRORS,
@@ -80,12 +81,14 @@ async def run_rounds(worker: BatchWorker, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, access: AccessSettings) -> FastAPI:
     """Return the worker's app: its lifespan connects, consumes and runs the rounds."""
     broker = make_broker(settings.rabbit_url, prefetch=256)
     redis = make_redis(settings.redis_url)
     engine = make_engine(settings.database_url)
-    worker = BatchWorker(settings, broker, redis, engine, DirectoryStore(settings.batch_dir))
+    worker = BatchWorker(
+        settings, access, broker, redis, engine, DirectoryStore(settings.batch_dir)
+    )
     _subscribe(broker, worker)
 
     @contextlib.asynccontextmanager
@@ -125,7 +128,11 @@ def main() -> None:
     """Read settings, configure logging, run the worker until SIGTERM."""
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
-    serve(create_app(settings), settings.batch_worker_host, settings.batch_worker_port)
+    serve(
+        create_app(settings, AccessSettings()),
+        settings.batch_worker_host,
+        settings.batch_worker_port,
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import names
 from schemas.records import Reply
+from services.access.errors import ApiError
+from services.access.settings import AccessSettings, CatalogueModel
 from services.common import replies, topology
 from services.common.broker import publish
 from services.common.ids import new_request_id
@@ -38,10 +40,9 @@ from services.gateway.batch_objects import (
     result_of,
     validation_errors,
 )
-from services.gateway.errors import ApiError
 from services.gateway.filestore import FileStore
 from services.gateway.inference import cancel
-from services.gateway.settings import CatalogueModel, Settings
+from services.gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
@@ -52,6 +53,7 @@ EXPIRED_MESSAGE = "The batch expired before this request ran."
 @dataclass
 class BatchWorker:
     settings: Settings
+    access: AccessSettings
     broker: RabbitBroker
     redis: Redis
     engine: AsyncEngine
@@ -59,7 +61,7 @@ class BatchWorker:
 
     def __post_init__(self) -> None:
         # Built once: every published line looks its model up here.
-        self.catalogue: dict[str, CatalogueModel] = {m.name: m for m in self.settings.models}
+        self.catalogue: dict[str, CatalogueModel] = {m.name: m for m in self.access.models}
 
     async def round(self) -> None:
         """Take every open batch one step, then sweep lines that waited long for a reply."""
@@ -126,7 +128,7 @@ class BatchWorker:
         room = self.settings.batch_window - len(in_flight)
         pending = await batch_db.lines_in(self.engine, batch.batch_id, "pending", max(room, 0))
         if pending:
-            spent = await spent_budget(self.redis, owner(batch), self.settings)
+            spent = await spent_budget(self.redis, owner(batch), self.access)
             if spent is not None:
                 await batch_db.end_lines(
                     self.engine,

@@ -1,14 +1,4 @@
-"""Errors the gateway answers with, always in OpenAI's shape.
-
-ApiError (status, type, code, message, param)
-├── InvalidRequest         400 invalid_request_error
-├── Unauthenticated        401 invalid_api_key
-├── PermissionDenied       403 permission_denied
-├── NotFound               404 (model_not_found, not_found)
-├── PayloadTooLarge        413 request_too_large
-├── Unavailable            503 (no_site_available, queue_unavailable), with Retry-After
-└── UpstreamTimeout        504 timeout
-"""
+"""The HTTP edge's error responses: OpenAI's shape for any refusal (services/access/errors.py)."""
 
 from __future__ import annotations
 
@@ -17,72 +7,6 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from schemas.records import ErrorInfo
-
-
-class ApiError(Exception):
-    """An error with its HTTP status and OpenAI error body."""
-
-    status = 500
-    type = "server_error"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.param = param
-        self.headers = headers or {}
-
-    def info(self) -> ErrorInfo:
-        """Return the error as the record type the rest of the system uses."""
-        return ErrorInfo(
-            status=self.status,
-            message=self.message,
-            type=self.type,
-            code=self.code,
-            param=self.param,
-        )
-
-
-class InvalidRequest(ApiError):
-    status = 400
-    type = "invalid_request_error"
-
-
-class Unauthenticated(ApiError):
-    status = 401
-    type = "invalid_request_error"
-
-
-class PermissionDenied(ApiError):
-    status = 403
-    type = "invalid_request_error"
-
-
-class NotFound(ApiError):
-    status = 404
-    type = "invalid_request_error"
-
-
-class PayloadTooLarge(ApiError):
-    status = 413
-    type = "invalid_request_error"
-
-
-class Unavailable(ApiError):
-    status = 503
-    type = "service_unavailable"
-
-
-class UpstreamTimeout(ApiError):
-    status = 504
-    type = "timeout"
 
 
 def error_body(info: ErrorInfo) -> dict[str, Any]:
@@ -100,17 +24,3 @@ def error_body(info: ErrorInfo) -> dict[str, Any]:
 def error_response(info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
     """Return `info` as an HTTP response with its status."""
     return JSONResponse(error_body(info), status_code=info.status, headers=headers)
-
-
-class RateLimited(ApiError):
-    """429: a per-minute rate limit (OpenAI: code `rate_limit_exceeded`)."""
-
-    status = 429
-    type = "rate_limit_exceeded"
-
-
-class QuotaExceeded(ApiError):
-    """429: a token budget for the day or month is spent (OpenAI: `insufficient_quota`)."""
-
-    status = 429
-    type = "insufficient_quota"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,24 +19,18 @@ from schemas import names
 from schemas.messages import Endpoint, RunInference
 from schemas.records import AnyRecord, Chunk, ErrorInfo, Failure, Final
 from schemas.records import Response as WholeResponse
+from services.access.admission import Access, job_for, model_not_found
+from services.access.errors import ApiError, PayloadTooLarge, Unavailable, UpstreamTimeout
+from services.access.principal import Principal
+from services.access.settings import CatalogueModel
 from services.common import topology
 from services.common.broker import publish
 from services.common.ids import new_request_id
 from services.common.logging import request_id_var
 from services.gateway import metrics
-from services.gateway.admission import check_request, job_for, model_not_found
-from services.gateway.errors import (
-    ApiError,
-    PayloadTooLarge,
-    Unavailable,
-    UpstreamTimeout,
-    error_body,
-    error_response,
-)
-from services.gateway.principal import Principal
-from services.gateway.quotas import Quotas
+from services.gateway.errors import error_body, error_response
 from services.gateway.registry import RegistryView, serving_sites
-from services.gateway.settings import CatalogueModel, Settings
+from services.gateway.settings import Settings
 from services.gateway.streams import StreamReader, Subscription
 
 logger = logging.getLogger(__name__)
@@ -57,12 +50,12 @@ class Gateway:
     engine: AsyncEngine
     reader: StreamReader
     registry: RegistryView
-    quotas: Quotas
+    access: Access
 
-    @functools.cached_property
+    @property
     def catalogue(self) -> dict[str, CatalogueModel]:
-        """The models by name, built once (it was rebuilt on every request)."""
-        return {m.name: m for m in self.settings.models}
+        """The models by name (built once, with the process's Access)."""
+        return self.access.catalogue
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -101,11 +94,9 @@ async def handle(
 ) -> Response:
     """Serve one OpenAI inference request end to end."""
     body = await read_body(request, gw.settings.max_body_bytes)
-    parsed, entry = check_request(
-        endpoint, body, principal, gw.catalogue, gw.settings.max_tokens_cap
-    )
+    parsed, entry = gw.access.check(endpoint, body, principal)
     await wait_for_site(gw, entry)
-    await gw.quotas.admit(principal)  # last: a refused request counts against nothing
+    await gw.access.quotas.admit(principal)  # last: a refused request counts against nothing
     now = time.time()
     job = job_for(
         principal,

@@ -9,13 +9,13 @@ import msgspec
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
+from services.access.auth import Authenticator
+from services.access.policy import may_use
+from services.access.principal import Principal
+from services.access.validation import ChatRequest, CompletionRequest, EmbeddingRequest
 from services.common.logging import user_id_var
-from services.gateway.auth import Authenticator
 from services.gateway.inference import Gateway, handle, model_not_found
-from services.gateway.policy import may_use
-from services.gateway.principal import Principal
 from services.gateway.registry import overall_state, serving_sites, site_states
-from services.gateway.validation import ChatRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter()
 
@@ -70,7 +70,7 @@ async def _served_models(gw: Gateway, principal: Principal) -> list[dict[str, An
     sites = await gw.registry.sites()
     now = time.time()
     out = []
-    for entry in gw.settings.models:
+    for entry in gw.access.settings.models:
         if not may_use(principal, entry):
             continue  # as if it did not exist
         serving = serving_sites(sites, entry.name, now, gw.settings.site_ttl_s, entry.sites)

@@ -1,50 +1,13 @@
-"""Gateway settings (env prefix FIRST_GATEWAY_, shared ones FIRST_)."""
+"""Gateway settings (env prefix FIRST_GATEWAY_, shared ones FIRST_; who may ask for what is
+services/access/settings.py, FIRST_ACCESS_)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.db import DEFAULT_DATABASE_URL
 from services.common.settings import CommonSettings
-
-ModelKind = Literal["chat", "embedding"]
-
-
-class CatalogueModel(BaseModel):
-    """One model the service offers; `sites` empty means any site may serve it."""
-
-    name: str
-    owned_by: str = "first"
-    context_length: int = 2048
-    kind: ModelKind = "chat"
-    sites: list[str] = []
-    groups: list[str] = []
-    """Globus group ids whose members may use the model (with `domains`: either suffices)."""
-    domains: list[str] = []
-    """Identity-provider domains whose users may use the model. Both empty: every caller."""
-
-
-class Limits(BaseModel):
-    """Limits of one user or one group (a shared allocation); None: no limit of that kind."""
-
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    tokens_per_day: int | None = None
-    tokens_per_month: int | None = None
-
-
-DEFAULT_CATALOGUE = [
-    CatalogueModel(name="smollm2-135m", owned_by="HuggingFaceTB", context_length=2048),
-    CatalogueModel(
-        name="all-minilm-l6-v2",
-        owned_by="sentence-transformers",
-        context_length=256,
-        kind="embedding",
-    ),
-]
 
 
 class Settings(CommonSettings):
@@ -54,16 +17,13 @@ class Settings(CommonSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    database_url: str = Field(
+    database_url: str = Field(  # files, batches and the usage the gateway reports
         default=DEFAULT_DATABASE_URL,
         validation_alias=AliasChoices(
             "FIRST_GATEWAY_DATABASE_URL", "FIRST_ACCOUNTING_DATABASE_URL"
         ),
     )
-    models: list[CatalogueModel] = Field(default_factory=lambda: list(DEFAULT_CATALOGUE))
     max_body_bytes: int = 4 * 1024 * 1024
-    max_tokens_cap: int | None = None
-    """The most `max_tokens` (or `max_completion_tokens`) a request may ask for; None: no cap."""
     no_site_wait_s: float = 5.0
     """How long a request for a known model waits for a live site before a 503."""
     retry_after_s: int = 5
@@ -74,28 +34,6 @@ class Settings(CommonSettings):
     read_block_ms: int = 1000
     redis_give_up_s: float = 3.0
     """After Redis has been unreachable this long, in-flight requests end with a 503 error."""
-    apikey_cache_ttl_s: float = 60.0
-    globus_client_id: str = ""
-    """The gateway's confidential client (a Globus Auth resource server); empty: API keys only."""
-    globus_client_secret: SecretStr = SecretStr("")
-    globus_auth_url: str | None = None
-    """globus-sdk's `base_url` for Globus Auth; None is globus.org (tests and `first dev` use
-    the local fake, `first fake-globus`)."""
-    globus_groups_url: str | None = None
-    globus_audience: str = ""
-    """The audience a token must carry; empty means the client id."""
-    globus_required_scope: str = ""
-    """A scope string the token must include; empty: not checked."""
-    globus_domains: list[str] = Field(default_factory=list)
-    """Identity-provider domains allowed to use the service at all (e.g. anl.gov); empty: any."""
-    globus_cache_ttl_s: float = 60.0
-    """How long an introspection verdict is reused: a revoked token stops within this."""
-    globus_timeout_s: float = 5.0
-    user_limits: Limits = Field(default_factory=Limits)
-    """Every user's limits, unless `user_limit_overrides` names the user (by user id)."""
-    user_limit_overrides: dict[str, Limits] = Field(default_factory=dict)
-    group_limits: dict[str, Limits] = Field(default_factory=dict)
-    """Shared allocations by Globus group id: every member's usage counts against them."""
     registry_cache_s: float = 0.5
 
     # Files and batches (services/gateway/batch_*.py; the worker is `first batch-worker`).

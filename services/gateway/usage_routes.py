@@ -14,6 +14,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from services.access.errors import InvalidRequest, PermissionDenied, Unavailable
+from services.access.principal import Principal
 from services.accounting.errors import LedgerUnavailable
 from services.accounting.reports import (
     REPORT_BYS,
@@ -23,8 +25,6 @@ from services.accounting.reports import (
     render,
     usage_report,
 )
-from services.gateway.errors import InvalidRequest, PermissionDenied, Unavailable
-from services.gateway.principal import Principal
 from services.gateway.routes import GatewayDep, PrincipalDep
 
 router = APIRouter()
@@ -93,7 +93,7 @@ async def own_usage(gw: GatewayDep, principal: PrincipalDep, user: str | None = 
         "day": today.isoformat(),
         "month": month_start.strftime("%Y-%m"),
         "usage": {"day": _totals(day_rows), "month": _totals(month_rows)},
-        "limits": await gw.quotas.status(subject),
+        "limits": await gw.access.quotas.status(subject),
         "at": time.time(),
     }
 

@@ -16,21 +16,18 @@ from faststream.rabbit.schemas import Channel
 from redis.exceptions import RedisError
 
 from schemas import names
+from services.access import apikeys
+from services.access.admission import build_access
+from services.access.settings import AccessSettings
 from services.common import topology
 from services.common.broker import PUBLISH_ERRORS, current_message, make_broker, raw_body
 from services.common.db import make_engine
 from services.common.http import add_ops_routes
 from services.common.redis import make_redis
-from services.gateway import apikeys
-from services.gateway.auth import ApiKeyAuthenticator, Authenticator
-from services.gateway.globus_auth import globus_from_settings
-from services.gateway.quotas import Quotas
-from services.gateway.settings import Settings as GatewaySettings
 from services.router import metrics
 from services.router.deadletter import handle_dead
 from services.router.dispatch import Dispatcher
 from services.router.handlers import Deps, handle_heartbeat, handle_ingress, handle_request
-from services.router.ingress import Admission
 from services.router.mover import Mover
 from services.router.policy import PolicyState
 from services.router.registry import Registry
@@ -92,34 +89,23 @@ def _subscribe(broker: RabbitBroker, deps: Deps, dispatcher: Dispatcher) -> None
         await handle_heartbeat(current_message(broker), deps)
 
 
-def create_app(settings: Settings, access: GatewaySettings | None = None) -> FastAPI:
+def create_app(settings: Settings, access: AccessSettings) -> FastAPI:
     """Build the router; it connects only when the app starts.
 
-    `access` holds what admits a direct producer's request — API keys' database, Globus Auth,
-    the catalogue and its policies, the limits — and is the gateway's own settings (read from
-    the same FIRST_GATEWAY_* environment by default): the router admits exactly as it does.
+    `access` is what admits a direct producer's request (services/access: API keys' database,
+    Globus Auth, the catalogue and its policies, the limits): the same settings the gateway
+    admits with, handed in by the caller, never read here from another component's environment.
     """
-    access = access or GatewaySettings()
     broker = make_broker(settings.rabbit_url, prefetch=settings.prefetch)
     redis = make_redis(settings.redis_url)
     registry = Registry(redis, settings.site_ttl_s)
     engine = make_engine(access.database_url)
-    admission = Admission(
-        authenticator=Authenticator(
-            ApiKeyAuthenticator(engine, redis, access.apikey_cache_ttl_s),
-            globus_from_settings(access, redis),
-        ),
-        quotas=Quotas(redis, access),
-        catalogue={m.name: m for m in access.models},
-        first_record_timeout_s=access.first_record_timeout_s,
-        max_tokens_cap=access.max_tokens_cap,
-    )
     deps = Deps(
         settings=settings,
         broker=broker,
         redis=redis,
         registry=registry,
-        admission=admission,
+        access=build_access(access, redis, engine),
         policy=PolicyState(rng=random.Random(settings.policy_seed)),  # noqa: S311 - not secret
     )
     dispatcher = Dispatcher(deps)

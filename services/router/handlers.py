@@ -18,16 +18,21 @@ from schemas import names
 from schemas.codec import DecodeError, heartbeat_decoder, ingress_decoder, run_inference_decoder
 from schemas.messages import RunInference, StartModel
 from schemas.records import ErrorInfo
+from services.access.admission import Access
+from services.access.errors import ApiError, Unavailable
+from services.access.request_ids import DuplicateRequestId, owner_of
 from services.common import replies, streams, topology
 from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
 from services.common.logging import request_id_var, site_id_var, user_id_var
-from services.gateway.errors import ApiError, Unavailable
 from services.router import errors, ingress, metrics
 from services.router.policy import PolicyState, StartOn, WaitFor, choose_site, choose_start_site
 from services.router.registry import Registry
 from services.router.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+ID_REFUSALS: frozenset[str | None] = frozenset({"invalid_request_id", "duplicate_request_id"})
+"""Refusals of the id itself: its stream may be someone else's."""
 
 REFUSE_ERRORS: tuple[type[BaseException], ...] = (RedisError, *PUBLISH_ERRORS)
 
@@ -40,7 +45,7 @@ class Deps:
     broker: RabbitBroker
     redis: Redis
     registry: Registry
-    admission: ingress.Admission
+    access: Access
     policy: PolicyState = field(default_factory=PolicyState)
     """This replica's routing memory (affinity, round-robin turns, starts it ordered)."""
 
@@ -119,6 +124,17 @@ async def handle_request(msg: RabbitMessage, deps: Deps, then: Then | None = Non
         await refuse(msg, deps, request.request_id, ingress.publisher_error(publisher))
         return
     user_id_var.set(request.user_id)
+    try:
+        owner = owner_of(request.user_id, request.endpoint, request.body)
+        await deps.access.request_ids.reserve(request.request_id, owner)
+    except RedisError as exc:
+        logger.warning("cannot reserve the request id now, requeueing: %r", exc)
+        await asyncio.sleep(deps.settings.retry_delay_s)
+        await msg.nack(requeue=True)
+        return
+    except DuplicateRequestId as exc:
+        await refuse(msg, deps, request.request_id, exc.info(), request.reply_to, own=False)
+        return
     await (then or route)(msg, deps, request)
 
 
@@ -134,28 +150,46 @@ async def handle_ingress(msg: RabbitMessage, deps: Deps) -> None:
         await refuse(msg, deps, ingress_request.request_id, bad_reply_to)
         return
     try:
-        request = await deps.admission.admit(ingress_request, ingress.credential_of(msg))
+        request = await deps.access.admit_ingress(
+            ingress_request,
+            ingress.credential_of(msg),
+            first_record_timeout_s=deps.settings.first_record_timeout_s,
+        )
     except (Unavailable, RedisError) as exc:  # cannot decide now (Globus, Redis): later
         logger.warning("cannot admit now, requeueing: %r", exc)
         await asyncio.sleep(deps.settings.retry_delay_s)
         await msg.nack(requeue=True)
         return
     except ApiError as exc:
-        await refuse(msg, deps, ingress_request.request_id, exc.info(), ingress_request.reply_to)
+        # An id refused as an id (malformed, stale, someone else's) may name a stream the
+        # publisher does not own: the refusal goes to its reply queue only.
+        own = exc.code not in ID_REFUSALS
+        await refuse(
+            msg, deps, ingress_request.request_id, exc.info(), ingress_request.reply_to, own=own
+        )
         return
     user_id_var.set(request.user_id)
     await route(msg, deps, request)
 
 
 async def refuse(
-    msg: RabbitMessage, deps: Deps, request_id: str, error: ErrorInfo, reply_to: str = ""
+    msg: RabbitMessage,
+    deps: Deps,
+    request_id: str,
+    error: ErrorInfo,
+    reply_to: str = "",
+    *,
+    own: bool = True,
 ) -> None:
     """Never serve `msg`: end its (new) stream with `error`, dead-letter a copy, ack it.
 
     `reply_to` (already checked to be the publisher's own queue) also gets the refusal.
+    `own` false: the id may be another's, whose stream is left alone whatever it holds.
     """
     try:
-        ended = await ingress.end_if_new(deps.redis, request_id, error, deps.settings.stream_ttl_s)
+        ended = own and await ingress.end_if_new(
+            deps.redis, request_id, error, deps.settings.stream_ttl_s
+        )
         await deps.broker.publish(
             msg.body,
             exchange=topology.DEAD,

@@ -8,9 +8,9 @@ Two doors lead to the router:
   single-user deployments share). Anything else — a producer that was given write access there
   by mistake, or a message claiming to be someone else's — is refused.
 - `first.ingress`, written by pipelines: an `IngressRequest` with its credential in a header.
-  The router authenticates it exactly as the gateway would (the gateway's own code and
-  settings: API keys, Globus tokens, the catalogue and its access policy, the quotas), strips
-  the credential, and only then routes it like any request.
+  The router admits it exactly as the gateway would (services/access: API keys, Globus
+  tokens, the catalogue and its access policy, the quotas, under the same AccessSettings),
+  strips the credential, and only then routes it like any request.
 
 A refused message is never served and never billed: its request stream (only if nobody has
 written it yet — a forger must not be able to end another user's request) gets the error in
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 from aiormq.abc import FieldValue
 from faststream.rabbit.message import RabbitMessage
@@ -30,12 +29,7 @@ from redis.asyncio import Redis
 
 from schemas import names
 from schemas.codec import encode
-from schemas.messages import IngressRequest, RunInference
 from schemas.records import ErrorInfo, Failure, Final, Usage
-from services.gateway.admission import check_request, job_for
-from services.gateway.auth import Authenticator
-from services.gateway.quotas import Quotas
-from services.gateway.settings import CatalogueModel
 
 logger = logging.getLogger(__name__)
 
@@ -47,40 +41,6 @@ redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
-
-
-@dataclass(frozen=True)
-class Admission:
-    """The gateway's checks, run by the router for direct producers."""
-
-    authenticator: Authenticator
-    quotas: Quotas
-    catalogue: dict[str, CatalogueModel]
-    first_record_timeout_s: float
-    max_tokens_cap: int | None = None
-
-    async def admit(self, ingress: IngressRequest, credential: str | None) -> RunInference:
-        """Return the RunInference to route, or raise the ApiError the gateway would answer."""
-        principal = await self.authenticator.authenticate(
-            None if credential is None else f"Bearer {credential}"
-        )
-        parsed, entry = check_request(
-            ingress.endpoint, ingress.body, principal, self.catalogue, self.max_tokens_cap
-        )
-        await self.quotas.admit(principal)
-        now = time.time()
-        return job_for(
-            principal,
-            ingress.endpoint,
-            parsed,
-            ingress.body,
-            entry,
-            request_id=ingress.request_id,
-            priority=ingress.priority,
-            created_at=ingress.created_at or now,
-            expires_at=now + self.first_record_timeout_s,
-            reply_to=ingress.reply_to,
-        )
 
 
 def credential_of(msg: RabbitMessage) -> str | None:

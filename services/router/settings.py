@@ -51,6 +51,9 @@ class Settings(CommonSettings):
     cache affinity; services/router/policy.py), or the baselines "round_robin" and "random"."""
     policy_seed: int | None = None
     """Seed of the "random" policy's generator, for reproducible benchmarks (None: random)."""
+    first_record_timeout_s: float = 300.0
+    """Expiry of an admitted direct producer's request: how long it may wait for its first
+    stream record (the gateway's own bound, FIRST_GATEWAY_FIRST_RECORD_TIMEOUT_S, for HTTP)."""
     retry_delay_s: float = 1.0
     """Pause before requeueing a message that cannot be decided now (Redis, Globus down)."""
 

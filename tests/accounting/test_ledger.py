@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import sqlalchemy as sa
+from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from schemas.codec import message_decoder
 from services.accounting.errors import LedgerUnavailable
 from services.accounting.ledger import (
     create_schema,
@@ -14,6 +17,7 @@ from services.accounting.ledger import (
     ping,
     record_batch,
     record_usage,
+    usage_conflicts,
 )
 from services.common.db import make_engine
 from tests.accounting.helpers import count_rows, make_usage
@@ -120,3 +124,47 @@ async def test_unreachable_database_is_reported_as_unavailable() -> None:
             await ping(engine)
     finally:
         await engine.dispose()
+
+
+def conflicts_counted() -> float:
+    return REGISTRY.get_sample_value("first_accounting_ledger_conflicts_total") or 0.0
+
+
+async def parked(ledger: AsyncEngine, request_id: str) -> list[tuple[str, str, bytes]]:
+    table = usage_conflicts
+    query = sa.select(table.c.user_id, table.c.owner_user_id, table.c.event).where(
+        table.c.request_id == request_id
+    )
+    async with ledger.connect() as conn:
+        return [tuple(row) for row in (await conn.execute(query)).all()]
+
+
+async def test_an_id_billed_to_one_user_is_refused_for_another_and_parked(
+    ledger: AsyncEngine,
+) -> None:
+    """A usage event claiming someone else's request id bills nobody and is kept, loudly."""
+    alice = make_usage()
+    mallory = make_usage(
+        request_id=alice.request_id, user_id="u-mallory", username="mallory", prompt_tokens=900
+    )
+    await record_usage(ledger, alice)
+    counted = conflicts_counted()
+
+    assert await record_batch(ledger, [mallory, alice]) == set()  # alice's: a redelivery
+
+    row = await get_usage(ledger, alice.request_id)
+    assert row is not None
+    assert (row.user_id, row.prompt_tokens) == ("u-alice", alice.prompt_tokens)
+    [(user_id, owner, event)] = await parked(ledger, alice.request_id)
+    assert (user_id, owner) == ("u-mallory", "u-alice")
+    assert message_decoder.decode(event) == mallory
+    assert conflicts_counted() == counted + 1
+
+
+async def test_a_redelivery_of_the_owners_own_event_parks_nothing(ledger: AsyncEngine) -> None:
+    event = make_usage()
+    await record_usage(ledger, event)
+    counted = conflicts_counted()
+    assert await record_usage(ledger, event) is False
+    assert await parked(ledger, event.request_id) == []
+    assert conflicts_counted() == counted

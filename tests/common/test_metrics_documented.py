@@ -1,4 +1,5 @@
-"""The README's Metrics table and the series the four services register say the same thing."""
+"""The README's Metrics table and the series the services (and the access package they share)
+register say the same thing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
+import services.access.sealed
 import services.accounting.metrics
 import services.gateway.metrics
 import services.router.metrics
@@ -58,4 +60,4 @@ def test_documented_labels_are_the_labels_of_the_series_that_have_samples() -> N
 
 def test_each_service_names_its_series_after_itself() -> None:
     for name in registered():
-        assert re.match(r"first_(gateway|router|site_agent|accounting)_", name), name
+        assert re.match(r"first_(gateway|router|site_agent|accounting|access)_", name), name

@@ -275,7 +275,7 @@ def test_the_gpu_profile_runs_vllm_on_a_gpu_next_to_a_site_agent(
     assert agent["depends_on"]["vllm"] == {"condition": "service_healthy"}
     backends = json.loads(agent["environment"]["FIRST_SITE_AGENT_BACKENDS"])
     assert backends == {served: [f"http://vllm:{port}"]}
-    catalogue = json.loads(env["FIRST_GATEWAY_MODELS"])
+    catalogue = json.loads(env["FIRST_ACCESS_MODELS"])
     assert served in {model["name"] for model in catalogue}  # the gateway offers it
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from services.access.apikeys import issue_key
 from services.devstack.procs import REPO, ProcessGroup
 from services.devstack.stack import (
     Backend,
@@ -27,7 +28,6 @@ from services.devstack.stack import (
     start_backends,
     start_services,
 )
-from services.gateway.apikeys import issue_key
 from services.site_agent.launchers import InstanceRecord, InstanceSpec, probe_instance
 from services.site_agent.launchers.local import LocalLauncher
 from services.site_agent.siteconfig import LauncherConfig, Resources

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
+from services.access.apikeys import issue_key
 from services.devstack.stack import service_port
-from services.gateway.apikeys import issue_key
 from tests.e2e.conftest import Stack
 from tests.e2e.helpers import ledger_row
 

@@ -23,10 +23,10 @@ from typing import Any
 import httpx
 import pytest
 
+from services.access.apikeys import issue_key
 from services.devstack.client import Outcome, stream
 from services.devstack.procs import Proc, ProcessGroup
 from services.devstack.stack import Backend, StackConfig, redis_users, start_service
-from services.gateway.apikeys import issue_key
 from services.site_agent.backends import parse_metrics
 from tests.e2e.conftest import free_port
 from tests.faults.conftest import gather_bounded, wait_ledger

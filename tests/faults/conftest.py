@@ -21,12 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
+from services.access.apikeys import issue_key
 from services.accounting.ledger import LedgerEntry, get_usage
 from services.common.db import make_engine
 from services.devstack.client import Outcome, stream
 from services.devstack.procs import Proc, ProcessGroup
 from services.devstack.stack import StackConfig, start_service
-from services.gateway.apikeys import issue_key
 from tests.faults.privates import PrivateRabbit, PrivateRedis, free_port
 
 MODEL = "sim"
@@ -179,7 +179,7 @@ def make_fault_stack(
             batch_worker_port=free_port(),
             files_dir=str(tmp_path / "files"),
             extra_env={
-                "FIRST_GATEWAY_MODELS": json.dumps([{"name": MODEL}]),
+                "FIRST_ACCESS_MODELS": json.dumps([{"name": MODEL}]),
                 "FIRST_SITE_AGENT_HEARTBEAT_INTERVAL_S": "0.5",
                 "FIRST_SITE_AGENT_CLAIM_TTL_S": "3",
                 "FIRST_SITE_AGENT_RETRY_DELAY_S": "0.5",

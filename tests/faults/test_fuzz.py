@@ -71,7 +71,7 @@ async def test_the_gateway_answers_fuzzed_requests_without_a_server_error(
 ) -> None:
     stack = await make_fault_stack(
         sim={"tokens_per_s": 2000, "ttft_ms": 1},
-        env={"FIRST_GATEWAY_MAX_TOKENS_CAP": "8", "FIRST_GATEWAY_NO_SITE_WAIT_S": "0.2"},
+        env={"FIRST_ACCESS_MAX_TOKENS_CAP": "8", "FIRST_GATEWAY_NO_SITE_WAIT_S": "0.2"},
     )
     base_url = stack.config.base_url.removesuffix("/v1")
     async with httpx.AsyncClient(base_url=base_url, timeout=10, trust_env=False) as http:

@@ -15,8 +15,9 @@ from redis.asyncio import Redis
 from schemas import names
 from schemas.codec import encode
 from schemas.messages import ModelStatus, SiteHeartbeat
+from services.access import apikeys
+from services.access.settings import AccessSettings
 from services.common.db import make_engine
-from services.gateway import apikeys
 from services.gateway.app import create_app
 from services.gateway.settings import Settings
 from tests.gateway.globus_fake import run_fake_globus
@@ -57,11 +58,19 @@ async def gateway(
     key, _ = await apikeys.create_key(engine, "alice")
     admin_key, _ = await apikeys.create_key(engine, "root", admin=True)
     await engine.dispose()
-    app = create_app(settings)
+    app = create_app(settings, AccessSettings(database_url=sqlite_url))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             yield GatewayUnderTest(app, client, key, admin_key, settings)
+
+
+def split_settings(values: dict[str, Any]) -> tuple[Settings, AccessSettings]:
+    """Return the gateway's settings and its access settings from one dict of values."""
+    access = {k: v for k, v in values.items() if k in AccessSettings.model_fields}
+    access.setdefault("database_url", values.get("database_url"))
+    own = {k: v for k, v in values.items() if k not in access or k == "database_url"}
+    return Settings(**own), AccessSettings(**access)
 
 
 @dataclass
@@ -96,8 +105,8 @@ async def make_gateway(
             "no_site_wait_s": 0.3,
         }
         values.update(overrides)
-        settings = Settings(**values)
-        app = create_app(settings)
+        settings, access = split_settings(values)
+        app = create_app(settings, access)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")

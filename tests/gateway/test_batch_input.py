@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from schemas.messages import Endpoint
+from services.access.errors import InvalidRequest, NotFound
 from services.gateway.batch_input import parse_input, run_body
-from services.gateway.errors import InvalidRequest, NotFound
 
 
 def line(custom_id: str = "a", url: str = "/v1/chat/completions", **over: Any) -> bytes:

@@ -19,9 +19,9 @@ import openai
 import pytest
 from openai.types import Batch
 
+from services.access.apikeys import issue_key
 from services.accounting.reports import usage_report
 from services.common.db import make_engine
-from services.gateway.apikeys import issue_key
 from tests.faults.conftest import MODEL, FaultStack, MakeStack, wait_ledger
 from tests.faults.conftest import make_fault_stack as make_fault_stack  # the fixture
 

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from schemas import names
 from schemas.codec import encode
 from schemas.messages import ModelStatus, SiteHeartbeat
+from services.access.settings import DEFAULT_CATALOGUE
 from services.gateway.registry import overall_state
 from tests.gateway.conftest import GatewayUnderTest
 
@@ -35,7 +36,7 @@ def test_the_overall_state_is_the_most_useful_one_among_sites() -> None:
 
 
 async def test_models_show_their_state_overall_and_per_site(gateway: GatewayUnderTest) -> None:
-    model = gateway.settings.models[0].name
+    model = DEFAULT_CATALOGUE[0].name
     async with Redis.from_url(gateway.settings.redis_url) as redis:
         await redis.hset(names.REGISTRY_KEY, "cold-site", encode(beat("cold-site", model, "cold")))
         await redis.hset(

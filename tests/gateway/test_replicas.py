@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 from redis.asyncio import Redis
 
+from services.access.apikeys import issue_key
 from services.devstack.procs import ProcessGroup
 from services.devstack.stack import StackConfig, start_service
-from services.gateway.apikeys import issue_key
 from tests.faults.privates import free_port
 from tests.gateway.conftest import live_site
 
@@ -41,8 +41,8 @@ async def test_requests_per_minute_hold_across_two_gateway_processes(
         agent_port=free_port(),
         accounting_port=free_port(),
         extra_env={
-            "FIRST_GATEWAY_MODELS": json.dumps([{"name": MODEL}]),
-            "FIRST_GATEWAY_USER_LIMITS": json.dumps({"requests_per_minute": LIMIT}),
+            "FIRST_ACCESS_MODELS": json.dumps([{"name": MODEL}]),
+            "FIRST_ACCESS_USER_LIMITS": json.dumps({"requests_per_minute": LIMIT}),
             # Nobody serves the admitted requests here: they end as 504s after half a second.
             "FIRST_GATEWAY_FIRST_RECORD_TIMEOUT_S": "0.5",
         },

@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from services.common.logging import quiet_libraries
+from tests.access.test_globus_auth import MODELS, bearer, globus_settings
 from tests.gateway.conftest import ApiKeyFor, MakeGateway, live_site
 from tests.gateway.globus_fake import mint, revoke
-from tests.gateway.test_globus_auth import MODELS, bearer, globus_settings
 
 SECRET_WORDS = ("hunter2-prompt-text",)
 

@@ -17,6 +17,7 @@ from schemas import names
 from schemas.codec import reply_decoder
 from schemas.messages import ModelStatus, RunInference, SiteHeartbeat
 from schemas.records import Failure
+from services.access.settings import AccessSettings
 from services.common import topology
 from services.common.broker import publish
 from services.router.app import create_app
@@ -46,7 +47,7 @@ async def running(
         dispatch_tick_s=0.2,
         reserve_idle_s=reserve_idle_s,
     )
-    app = create_app(settings)
+    app = create_app(settings, AccessSettings())
     async with app.router.lifespan_context(app):
         yield app.state.deps.registry, app.state.dispatcher
 

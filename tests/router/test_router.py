@@ -19,6 +19,7 @@ from schemas import names
 from schemas.codec import encode, heartbeat_decoder, reply_decoder, run_inference_decoder
 from schemas.messages import ModelStatus, RunInference, SiteHeartbeat
 from schemas.records import Failure, Final, Response, Usage
+from services.access.settings import AccessSettings
 from services.common import topology
 from services.common.broker import publish
 from services.router.app import create_app
@@ -43,7 +44,7 @@ async def running_router(
 ) -> AsyncIterator[Registry]:
     options: dict[str, Any] = {"no_site_wait_s": 1.0, "sweep_interval_s": 0.5, **overrides}
     settings = Settings(rabbit_url=rabbit_url, redis_url=redis_url, **options)
-    app = create_app(settings)
+    app = create_app(settings, AccessSettings())
     async with app.router.lifespan_context(app):
         registry: Registry = app.state.deps.registry
         yield registry
@@ -284,7 +285,7 @@ async def test_ops_routes_report_ready_and_known_sites(
     rabbit_url: str, redis_url: str, broker: RabbitBroker
 ) -> None:
     model, site = unique("model"), unique("site")
-    app = create_app(Settings(rabbit_url=rabbit_url, redis_url=redis_url))
+    app = create_app(Settings(rabbit_url=rabbit_url, redis_url=redis_url), AccessSettings())
     async with app.router.lifespan_context(app):
         await beat(broker, heartbeat(site, model))
         await wait_for(lambda: app.state.deps.registry.get(site))

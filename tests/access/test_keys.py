@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from typer.testing import CliRunner
 
+from services.access import apikeys
 from services.cli import app
 from services.common.db import make_engine
-from services.gateway import apikeys
 from tests.gateway.conftest import GatewayUnderTest
 
 runner = CliRunner()

@@ -9,11 +9,11 @@ from typing import Any
 
 from schemas import names
 from schemas.messages import UsageRecorded
+from services.access.errors import QuotaExceeded, RateLimited
+from services.access.principal import Principal
+from services.access.quotas import plan, refusal, seconds_left
+from services.access.settings import AccessSettings, Limits
 from services.accounting.charges import charge, charges
-from services.gateway.errors import QuotaExceeded, RateLimited
-from services.gateway.principal import Principal
-from services.gateway.quotas import plan, refusal, seconds_left
-from services.gateway.settings import Limits, Settings
 from tests.gateway.conftest import ApiKeyFor, MakeGateway, Replica, live_site
 
 MODEL = "smollm2-135m"
@@ -48,7 +48,7 @@ def usage(user_id: str, tokens: int, groups: tuple[str, ...] = ()) -> UsageRecor
 
 
 def test_the_plan_takes_the_users_override_and_every_limited_group() -> None:
-    settings = Settings(
+    settings = AccessSettings(
         user_limits=Limits(requests_per_minute=10),
         user_limit_overrides={"vip": Limits(tokens_per_day=5)},
         group_limits={"g1": Limits(tokens_per_month=100), "g2": Limits()},
@@ -75,7 +75,7 @@ def test_windows_end_at_the_next_utc_minute_day_and_month() -> None:
 
 
 def test_per_minute_limits_are_rate_limits_and_budgets_are_quota() -> None:
-    settings = Settings(user_limits=Limits(requests_per_minute=1, tokens_per_day=1))
+    settings = AccessSettings(user_limits=Limits(requests_per_minute=1, tokens_per_day=1))
     rpm, day = plan(Principal(user_id="u", username="u"), settings, 0.0)
     assert isinstance(refusal(rpm, 1, 0.0), RateLimited)
     assert isinstance(refusal(day, 1, 0.0), QuotaExceeded)
@@ -150,7 +150,7 @@ async def test_a_spent_token_budget_refuses_until_the_window_ends(
 async def test_a_groups_shared_allocation_counts_every_members_usage(
     make_gateway: MakeGateway,
 ) -> None:
-    settings = Settings(group_limits={"lab": Limits(tokens_per_month=50)})
+    settings = AccessSettings(group_limits={"lab": Limits(tokens_per_month=50)})
     at = time.time()
     replica = await make_gateway()
     await charge(replica.redis, [usage("u1", 30, ("lab",)), usage("u2", 30, ("lab",))], at)

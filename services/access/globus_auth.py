@@ -27,9 +27,10 @@ from globus_sdk.transport import RequestsTransport, RetryConfig
 from redis.asyncio import Redis
 
 from schemas import names
-from services.gateway.errors import Unauthenticated, Unavailable
-from services.gateway.principal import Principal
-from services.gateway.settings import Settings
+from services.access.errors import Unauthenticated, Unavailable
+from services.access.principal import Principal
+from services.access.sealed import Sealer, policy_digest
+from services.access.settings import AccessSettings
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ class GlobusAuthenticator:
         cache_ttl_s: float,
         timeout_s: float,
         want_groups: bool,
+        secret: bytes,
     ) -> None:
         self._client = client
         self._redis = redis
@@ -174,12 +176,17 @@ class GlobusAuthenticator:
         self._ttl_s = cache_ttl_s
         self._timeout_s = timeout_s
         self._want_groups = want_groups
+        # A verdict holds only for the policy that produced it: another component judging
+        # with other domains, audience, scope or group needs must not reuse it.
+        policy = policy_digest(audience, required_scope, sorted(domains))
+        self._sealer = Sealer(secret, "globus", policy + bytes([want_groups]))
 
     async def authenticate(self, token: str) -> Principal:
         """Return the caller's Principal; raise Unauthenticated (401) or Unavailable (503)."""
         key = names.globus_cache_key(token_hash(token))
         cached = await self._redis.get(key)
-        verdict = _decoder.decode(cached) if isinstance(cached, bytes) else None
+        payload = self._sealer.open(key, cached) if isinstance(cached, bytes) else None
+        verdict = _decoder.decode(payload) if payload is not None else None
         now = time.time()
         if verdict is None or _expired(verdict.principal, now):
             verdict = await self._introspect(token, now)
@@ -187,7 +194,8 @@ class GlobusAuthenticator:
             if verdict.principal is not None and verdict.principal.expires_at is not None:
                 ttl_s = min(ttl_s, verdict.principal.expires_at - now)
             if ttl_s > 0:
-                await self._redis.set(key, _encoder.encode(verdict), px=max(1, int(ttl_s * 1000)))
+                sealed = self._sealer.seal(key, _encoder.encode(verdict))
+                await self._redis.set(key, sealed, px=max(1, int(ttl_s * 1000)))
         if verdict.principal is None:
             refusal = verdict.refusal or Refusal(code="invalid_token", message="Token refused.")
             raise Unauthenticated(refusal.message, code=refusal.code)
@@ -244,7 +252,9 @@ def _unavailable(why: str) -> Unavailable:
     )
 
 
-def globus_from_settings(settings: Settings, redis: Redis) -> GlobusAuthenticator | None:
+def globus_from_settings(
+    settings: AccessSettings, redis: Redis, secret: bytes
+) -> GlobusAuthenticator | None:
     """Return the Globus token path if a confidential client is configured."""
     if not settings.globus_client_id:
         return None
@@ -265,4 +275,5 @@ def globus_from_settings(settings: Settings, redis: Redis) -> GlobusAuthenticato
         timeout_s=settings.globus_timeout_s,
         # Group lookups cost two more calls to Globus per cache miss: only when a policy needs them.
         want_groups=any(m.groups for m in settings.models),
+        secret=secret,
     )

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from services.gateway.errors import InvalidRequest
-from services.gateway.validation import ChatRequest, check_max_tokens, include_usage, parse_body
+from services.access.errors import InvalidRequest
+from services.access.validation import ChatRequest, check_max_tokens, include_usage, parse_body
 
 
 @pytest.mark.parametrize(

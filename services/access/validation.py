@@ -13,7 +13,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from schemas.messages import Endpoint
-from services.gateway.errors import InvalidRequest
+from services.access.errors import InvalidRequest
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 Role = Literal["system", "user", "assistant", "tool", "developer", "function"]

@@ -16,11 +16,11 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from services.access import apikeys
+from services.access.globus_auth import Refusal, check_introspection
+from services.access.principal import Principal
+from services.access.settings import CatalogueModel
 from services.common.db import make_engine
-from services.gateway import apikeys
-from services.gateway.globus_auth import Refusal, check_introspection
-from services.gateway.principal import Principal
-from services.gateway.settings import CatalogueModel
 from tests.faults.privates import free_port
 from tests.gateway.conftest import MakeGateway, live_site
 from tests.gateway.globus_fake import (

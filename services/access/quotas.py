@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from schemas import names
-from services.gateway.errors import ApiError, QuotaExceeded, RateLimited
-from services.gateway.principal import Principal
-from services.gateway.settings import Limits, Settings
+from services.access.errors import ApiError, QuotaExceeded, RateLimited
+from services.access.principal import Principal
+from services.access.settings import AccessSettings, Limits
 
 ADMIT_SCRIPT = """
 for i, key in ipairs(KEYS) do
@@ -94,7 +94,7 @@ def _checks_of(limits: Limits, scope: names.QuotaScope, subject: str, now: float
     ]
 
 
-def plan(principal: Principal, settings: Settings, now: float) -> list[Check]:
+def plan(principal: Principal, settings: AccessSettings, now: float) -> list[Check]:
     """Return every limit that applies to one request of `principal` (pure)."""
     own = settings.user_limit_overrides.get(principal.user_id, settings.user_limits)
     checks = _checks_of(own, "user", principal.user_id, now)
@@ -124,7 +124,7 @@ def refusal(check: Check, used: int, now: float) -> ApiError:
 class Quotas:
     """Admission against the counters (one EVALSHA per request when any limit applies)."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: AccessSettings) -> None:
         self._settings = settings
         self._redis = redis
         self._script = redis.register_script(ADMIT_SCRIPT)

@@ -7,10 +7,11 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import names
-from services.gateway import apikeys
-from services.gateway.errors import Unauthenticated
-from services.gateway.globus_auth import GlobusAuthenticator
-from services.gateway.principal import Principal
+from services.access import apikeys
+from services.access.errors import Unauthenticated
+from services.access.globus_auth import GlobusAuthenticator
+from services.access.principal import Principal
+from services.access.sealed import Sealer
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Principal)
@@ -34,27 +35,32 @@ def bearer_token(authorization: str | None) -> str:
 
 
 class ApiKeyAuthenticator:
-    """Resolve API keys through a Redis cache (by hash, bounded TTL) in front of SQL."""
+    """Resolve API keys through a Redis cache (by hash, bounded TTL, sealed) in front of SQL."""
 
-    def __init__(self, engine: AsyncEngine, redis: Redis, cache_ttl_s: float) -> None:
+    def __init__(
+        self, engine: AsyncEngine, redis: Redis, cache_ttl_s: float, sealer: Sealer
+    ) -> None:
         self._engine = engine
         self._redis = redis
         self._ttl_ms = max(1, int(cache_ttl_s * 1000))
+        self._sealer = sealer
 
     async def authenticate(self, key: str) -> Principal:
         """Return the key's Principal or raise Unauthenticated (401)."""
         key_hash = apikeys.hash_key(key)
         cache_key = names.apikey_cache_key(key_hash)
         cached = await self._redis.get(cache_key)
-        if isinstance(cached, bytes):
-            return _decoder.decode(cached)
+        payload = self._sealer.open(cache_key, cached) if isinstance(cached, bytes) else None
+        if payload is not None:
+            return _decoder.decode(payload)
         record = await apikeys.find_key(self._engine, key_hash)
         if record is None:
             raise Unauthenticated("Incorrect API key provided.", code="invalid_api_key")
         principal = Principal(
             user_id=record.user_id, username=record.username, is_admin=record.is_admin
         )
-        await self._redis.set(cache_key, _encoder.encode(principal), px=self._ttl_ms)
+        sealed = self._sealer.seal(cache_key, _encoder.encode(principal))
+        await self._redis.set(cache_key, sealed, px=self._ttl_ms)
         return principal
 
     async def forget(self, key_hash: str) -> None:

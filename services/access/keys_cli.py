@@ -9,20 +9,25 @@ from typing import Annotated
 import typer
 
 from schemas import names
+from services.access import apikeys
+from services.access.settings import AccessSettings
 from services.common.db import make_engine
 from services.common.redis import make_redis
-from services.gateway import apikeys
-from services.gateway.settings import Settings
+from services.common.settings import CommonSettings
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 
 DbOption = Annotated[
-    str | None, typer.Option("--database-url", help="Defaults to FIRST_ACCOUNTING_DATABASE_URL.")
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="Defaults to FIRST_ACCESS_DATABASE_URL.",
+    ),
 ]
 
 
 def _url(database_url: str | None) -> str:
-    return database_url or Settings().database_url
+    return database_url or AccessSettings().database_url
 
 
 @keys_app.command("create")
@@ -61,7 +66,7 @@ def revoke(key_id: str, database_url: DbOption = None) -> None:
 
     async def run() -> bool:
         engine = make_engine(_url(database_url))
-        redis = make_redis(Settings().redis_url)
+        redis = make_redis(CommonSettings().redis_url)
         try:
             key_hash = await apikeys.revoke_key(engine, key_id)
             if key_hash is None:

@@ -10,7 +10,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.common.db import make_engine
+from services.common.db import create_tables, make_engine
 
 KEY_PREFIX = "first-"
 
@@ -46,8 +46,7 @@ def hash_key(key: str) -> str:
 
 async def create_schema(engine: AsyncEngine) -> None:
     """Create the keys table if it is missing."""
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    await create_tables(engine, metadata)
 
 
 async def create_key(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.gateway.principal import Principal
-from services.gateway.settings import CatalogueModel
+from services.access.principal import Principal
+from services.access.settings import CatalogueModel
 
 
 def may_use(principal: Principal, model: CatalogueModel) -> bool:
