@@ -24,11 +24,13 @@ What each component may do (the key globs are built by schemas/names.py):
   keys and publish on the cancel channel.
 - router: the registry mirror (HSET, HGETALL; a script: HGET, HDEL); end streams (XADD,
   EXPIRE; a script: EXISTS) and read them (XREVRANGE, XRANGE); admission (the gateway's caches
-  and quota counters, through the same calls and script).
+  and quota counters, through the same calls and script) and request-id reservations (a
+  script: SET NX, GET).
 - accounting: add tokens to the token counters (INCRBY, EXPIRE).
 - site agent (one user per site, the same rules): write and read request streams, claims and
   cancel keys (the look script: XREVRANGE, SET, GET, EXISTS; then XADD, EXPIRE, XRANGE);
-  subscribe to the cancel channel. Never the caches, quota counters, registry or supervisor keys.
+  subscribe to the cancel channel. Never the caches, quota counters, request-id reservations,
+  registry or supervisor keys.
 - supervisor (`first sites supervise`): its lock and leases (SET NX, a script: GET, PEXPIRE,
   DEL; HGETALL, HSET); read the registry (HMGET).
 - producer (one user per producer): read request streams (XREAD) and nothing else.
@@ -58,6 +60,7 @@ Role = Literal[
 ]
 
 STREAMS = names.stream_key("*")
+REQUEST_IDS = names.request_id_key("*")
 WAKES = names.wake_key("*")
 CLAIMS = names.claim_key("*")
 CANCELS = names.cancel_key("*")
@@ -145,7 +148,7 @@ def acl_for(role: Role, user: str, subject: str | None = None) -> Acl:
         return Acl(
             user,
             role,
-            read_write=(STREAMS, names.REGISTRY_KEY, APIKEYS, VERDICTS, QUOTAS),
+            read_write=(STREAMS, REQUEST_IDS, names.REGISTRY_KEY, APIKEYS, VERDICTS, QUOTAS),
             commands=_commands(
                 "eval xadd expire exists xrevrange xrange hset hgetall hget hdel get set incr",
                 SCRIPTS,

@@ -27,6 +27,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 
 from schemas import names
 from schemas.records import Chunk, Final, Usage
+from services.access.request_ids import DuplicateRequestId, RequestIds
 from services.common import streams
 from services.common.private_file import write_private
 from services.common.redis_access import acl_for
@@ -46,6 +47,7 @@ FORBIDDEN_TO_SITES = [
     names.supervisor_key("lock"),
     names.supervisor_key("leases"),
     names.wake_key("r1"),
+    names.request_id_key("r1"),
 ]
 
 
@@ -187,7 +189,7 @@ PRINCIPAL = b"\x84\xa7user_id\xa1u"  # what sits in a cache entry; its bytes do 
 
 async def plant(admin: Redis) -> dict[str, object]:
     """Write what an attacker would forge; return every key's content (to compare after)."""
-    apikey, verdict, tokens, requests, registry, lock, leases, wake = FORBIDDEN_TO_SITES
+    apikey, verdict, tokens, requests, registry, lock, leases, wake, reqid = FORBIDDEN_TO_SITES
     await admin.set(apikey, PRINCIPAL)
     await admin.set(verdict, PRINCIPAL)
     await admin.set(tokens, 5)
@@ -196,6 +198,7 @@ async def plant(admin: Redis) -> dict[str, object]:
     await admin.set(lock, b"token")
     await admin.hset(leases, "s1", b"1.0")
     await admin.xadd(wake, {b"w": b"1"})
+    await admin.set(reqid, b"u1:digest")
     return await snapshot(admin)
 
 
@@ -213,7 +216,7 @@ async def snapshot(admin: Redis) -> dict[str, object]:
 
 
 FORGED = b"\x84\xa7user_id\xa4root\xa8is_admin\xc3"
-APIKEY, VERDICT, TOKENS, REQUESTS, REGISTRY, LOCK, LEASES, WAKE = FORBIDDEN_TO_SITES
+APIKEY, VERDICT, TOKENS, REQUESTS, REGISTRY, LOCK, LEASES, WAKE, REQID = FORBIDDEN_TO_SITES
 SITE_ATTACKS: list[tuple[object, ...]] = [
     ("SET", APIKEY, FORGED),  # mint an admin
     ("DEL", APIKEY),
@@ -228,6 +231,8 @@ SITE_ATTACKS: list[tuple[object, ...]] = [
     ("SET", LOCK, b"mine"),  # take the supervisor's lock
     ("HSET", LEASES, "s1", b"0"),
     ("XADD", WAKE, "*", "w", "1"),
+    ("DEL", REQID),  # free a used request id for reuse
+    ("SET", REQID, b"u2:digest"),
     ("PUBLISH", names.CANCEL_CHANNEL, "r1"),  # cancel other sites' work
     ("FLUSHDB",),  # (FLUSHALL is refused the same way; not tried here: a shared server)
     ("CONFIG", "GET", "*"),
@@ -337,15 +342,18 @@ async def test_the_other_users_do_their_job_and_no_more(
     as_role: Callable[[str], Redis], admin: Redis
 ) -> None:
     before = await plant(admin)
-    refused = {
-        "gateway": ("XADD", names.stream_key("r1"), "*", "r", b"forged"),  # forge a result
-        "batch-worker": ("SET", APIKEY, FORGED),
-        "router": ("SET", LOCK, b"mine"),
-        "accounting": ("INCRBY", REQUESTS, -5),  # only token counters
-        "supervisor": ("GET", APIKEY),
-        "keys": ("GET", APIKEY),
-    }
-    for label, attack in refused.items():
+    refused: list[tuple[str, tuple[object, ...]]] = [
+        ("gateway", ("XADD", names.stream_key("r1"), "*", "r", b"forged")),  # forge a result
+        ("gateway", ("DEL", REQID)),  # only the router reserves request ids
+        ("batch-worker", ("SET", APIKEY, FORGED)),
+        ("batch-worker", ("DEL", REQID)),
+        ("router", ("SET", LOCK, b"mine")),
+        ("accounting", ("INCRBY", REQUESTS, -5)),  # only token counters
+        ("supervisor", ("GET", APIKEY)),
+        ("keys", ("GET", APIKEY)),
+        ("producer p", ("DEL", REQID)),
+    ]
+    for label, attack in refused:
         with pytest.raises(NoPermissionError):
             await as_role(label).execute_command(*attack)
     assert await snapshot(admin) == before
@@ -360,6 +368,10 @@ async def test_the_other_users_do_their_job_and_no_more(
     await supervisor.hset(LEASES, "s2", b"2.0")
     assert await supervisor.hmget(REGISTRY, ["s1"]) == [b"heartbeat"]
     assert await as_role("keys").delete(APIKEY) == 1
+    ids = RequestIds(as_role("router"), skew_s=60)  # the router reserves request ids
+    await ids.reserve("r-new", "u1:digest")
+    with pytest.raises(DuplicateRequestId):
+        await ids.reserve("r-new", "u2:digest")
     assert await as_role("accounting").incrby(TOKENS, 3) == 8
 
 
