@@ -207,5 +207,11 @@ def quota_key(
     return f"first:quota:{counter}:{scope}:{subject}:{quota_window(period, at)}"
 
 
+def quota_key_glob(counter: QuotaCounter | None = None) -> str:
+    """Return the glob of every quota counter (of one `counter` only, if given): what a Redis
+    ACL grants (services/common/redis_access.py)."""
+    return f"first:quota:{counter}:*" if counter else "first:quota:*"
+
+
 # Stream record fields
 RECORD_FIELD: Final = b"r"

@@ -125,6 +125,7 @@ def _register_subapps() -> None:
     from services.access.keys_cli import keys_app
     from services.accounting.cli import usage_app
     from services.common.rabbit_cli import rabbit_app
+    from services.common.redis_cli import redis_app
     from services.gateway.batch_cli import batch_app
     from services.producer.cli import queue_app
     from services.site_agent.supervise_cli import sites_app
@@ -135,6 +136,7 @@ def _register_subapps() -> None:
     app.add_typer(queue_app, name="queue", help="Publish requests straight to the queue.")
     app.add_typer(sites_app, name="sites", help="Run site agents on Globus Compute endpoints.")
     app.add_typer(rabbit_app, name="rabbit", help="RabbitMQ topology and least-privilege users.")
+    app.add_typer(redis_app, name="redis", help="Least-privilege Redis users, per component.")
 
 
 _register_subapps()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -25,6 +26,7 @@ from services.devstack.stack import (
     StackConfig,
     default_backends,
     key_files,
+    redis_users,
     start_backends,
     start_services,
 )
@@ -112,6 +114,7 @@ def main() -> None:
         },
     )
     group = ProcessGroup(state / "logs")
+    users = contextlib.ExitStack()  # each service's own Redis user, deleted when the stack stops
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
@@ -120,6 +123,9 @@ def main() -> None:
         start_fake_globus(group, globus_url, globus_secret)
         rabbit_env = state / "rabbit.env"
         config.service_env = dev_rabbit_users(common.rabbit_url, config.site_id, rabbit_env)
+        config.redis_env = users.enter_context(
+            redis_users(common.redis_url, config.site_id, "first-dev-")
+        )
         start_services(group, config)
         token = mint_demo_token(globus_url)
         key = asyncio.run(_dev_key(database_url, _previous_key(state / "dev.env")))
@@ -146,6 +152,7 @@ def main() -> None:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         group.stop_all()
+        users.close()
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.rabbit_access import user_url
+from services.common.redis_access import Server, apply, plan, url_variable
 from services.devstack.procs import REPO, Proc, ProcessGroup
 from services.site_agent import instance_keys
 
@@ -118,6 +121,8 @@ class StackConfig:
     """Per service (by name in SERVICES), on top of `env()`: e.g. its own RabbitMQ user."""
     cache_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     """Seals cached principals (FIRST_ACCESS_CACHE_SECRET): given only to ADMITTING services."""
+    redis_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per service (by name in SERVICES), on top of the rest: its own Redis user."""
 
     @property
     def base_url(self) -> str:
@@ -180,11 +185,39 @@ def start_service(
         [sys.executable, "-m", f"services.{MODULES.get(name, name)}"],
         config.env()
         | config.service_env.get(RABBIT_ROLE.get(name, name), {})
-        | ({"FIRST_ACCESS_CACHE_SECRET": config.cache_secret} if name in ADMITTING else {}),
+        | ({"FIRST_ACCESS_CACHE_SECRET": config.cache_secret} if name in ADMITTING else {})
+        | config.redis_env.get(name, {}),
         f"http://127.0.0.1:{port}/ready",
     )
     group.wait_ready(proc, timeout_s)
     return proc
+
+
+REDIS_SERVICE = {"batch-worker": "batch_worker", "site": "site_agent"}
+"""A service's name in SERVICES, where it is not its Redis role's."""
+
+
+@contextlib.contextmanager
+def redis_users(admin_url: str, site_id: str, prefix: str) -> Iterator[dict[str, dict[str, str]]]:
+    """Make each service's own Redis user (`first redis setup`'s table, fresh passwords) on the
+    server and database of `admin_url`; yield the env per service; delete the users after.
+
+    ACL users are server-wide: `prefix` keeps one stack's users apart from another's.
+    """
+    server = Server(admin_url)
+    try:
+        accounts = apply([server], plan(prefix, [site_id], []), rotate=True)
+        try:
+            yield {
+                REDIS_SERVICE.get(a.acl.role, a.acl.role): {
+                    url_variable(a.acl.role): user_url(admin_url, a.acl.user, a.password or "")
+                }
+                for a in accounts
+            }
+        finally:
+            server.delete_users([a.acl.user for a in accounts])
+    finally:
+        server.close()
 
 
 def start_services(group: ProcessGroup, config: StackConfig) -> dict[str, Proc]:

@@ -45,6 +45,7 @@ from schemas.records import AnyRecord, Final, Reply
 from services.common.broker import amqp_user
 from services.common.ids import new_request_id
 from services.common.redis import make_redis
+from services.common.redis_access import acl_for
 from services.common.replies import decode_entries, fold
 
 
@@ -52,18 +53,10 @@ class ProducerError(Exception):
     """A request could not be published (no confirm, unroutable, broker gone)."""
 
 
-READER_ACL: tuple[str, ...] = (
-    "on",
-    "resetkeys",
-    "~first:stream:*",
-    "resetchannels",
-    "-@all",
-    "+xread",
-    "+select",
-    "+ping",
-)
+READER_ACL: tuple[str, ...] = acl_for("producer", "reader").rules(db=None)
 """The Redis ACL rules of a producer's user (after `ACL SETUSER <name> >password`): it may
-read request streams and nothing else — no other key, no channel, no write."""
+read request streams and nothing else — no other key, no channel, no write. `first redis setup
+--producer NAME` makes such a user (limited to its database too)."""
 
 Result = Reply
 """What one request produced: its body (or chunks) or its error, how it ended, its usage."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import time
 import urllib.parse
@@ -24,6 +25,7 @@ from services.devstack.stack import (
     StackConfig,
     default_backends,
     key_files,
+    redis_users,
     start_backends,
     start_services,
 )
@@ -154,9 +156,15 @@ def stack(
         },
     )
     group = ProcessGroup(run_dir / "logs")
-    # Each service runs as its own least-privilege RabbitMQ user, made by `first rabbit setup`.
-    with least_privilege_users(rabbit_url, [config.site_id], run_dir) as users:
+    # Each service runs as its own least-privilege RabbitMQ user, made by `first rabbit setup`,
+    # and its own Redis user (users are server-wide: a prefix of this session's own).
+    redis_prefix = f"t{secrets.token_hex(3)}-"
+    with (
+        least_privilege_users(rabbit_url, [config.site_id], run_dir) as users,
+        redis_users(redis_url, config.site_id, redis_prefix) as redis_env,
+    ):
         config.service_env = users.service_env
+        config.redis_env = redis_env
         try:
             start_services(group, config)
             key = asyncio.run(issue_key(database_url, "researcher"))

@@ -10,7 +10,9 @@ generation counters exceed it by at most a few tokens per cut request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ import pytest
 from services.access.apikeys import issue_key
 from services.devstack.client import Outcome, stream
 from services.devstack.procs import Proc, ProcessGroup
-from services.devstack.stack import Backend, StackConfig, start_service
+from services.devstack.stack import Backend, StackConfig, redis_users, start_service
 from services.site_agent.backends import parse_metrics
 from services.site_agent.instance_keys import bearer
 from tests.e2e.conftest import free_port
@@ -76,6 +78,7 @@ def sites(
     tmp_path: Path,
 ) -> Iterator[Sites]:
     group = ProcessGroup(tmp_path / "logs")
+    users = contextlib.ExitStack()
     try:
         real = vllm_backends[MODEL]
         backends = {"real": real.url}
@@ -102,11 +105,16 @@ def sites(
                 "FIRST_SITE_AGENT_PREFETCH": "6",
             },
         )
+        # Each service on its own Redis user; the three agents share one site user (its rules
+        # are every site's).
+        prefix = f"t{secrets.token_hex(3)}-"
+        config.redis_env = users.enter_context(redis_users(config.redis_url, "sites", prefix))
         procs = {name: start_service(group, config, name, 90) for name in ("accounting", "router")}
         agents = {}
         for site, url in backends.items():
             port = free_port()
-            env = config.env() | {
+            env = config.env() | config.redis_env["site_agent"]
+            env |= {
                 "FIRST_SITE_AGENT_SITE_ID": site,
                 "FIRST_SITE_AGENT_PORT": str(port),
                 "FIRST_SITE_AGENT_BACKENDS": f'{{"{MODEL}": ["{url}"]}}',
@@ -121,6 +129,7 @@ def sites(
         yield Sites(config, key, agents, backends, keys)
     finally:
         group.stop_all()
+        users.close()
 
 
 async def generated(url: str, key: str = "") -> float:
