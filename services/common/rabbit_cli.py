@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import urllib.parse
-from pathlib import Path
 from typing import Annotated
 
 import httpx
@@ -21,6 +19,7 @@ from services.common.rabbit_access import (
     plan,
     vhost_of,
 )
+from services.common.setup_options import OutOption, PrefixOption, RotateOption, hand_out
 
 rabbit_app = typer.Typer(no_args_is_help=True)
 
@@ -65,11 +64,9 @@ def setup(
     api_url: Annotated[
         str | None, typer.Option(help="Management API (default http://<host>:15672/api).")
     ] = None,
-    prefix: Annotated[str, typer.Option(help="Prefix of the user names.")] = "first-",
-    rotate: Annotated[bool, typer.Option(help="Give existing users new passwords.")] = False,
-    out: Annotated[
-        Path | None, typer.Option(help="Write the env lines here (mode 0600), not to stdout.")
-    ] = None,
+    prefix: PrefixOption = "first-",
+    rotate: RotateOption = False,
+    out: OutOption = None,
     timeout_s: Annotated[float, typer.Option(help="Bound on each broker call.")] = 10.0,
 ) -> None:
     """Declare every exchange and queue, and make the users gateway, router, accounting,
@@ -94,13 +91,7 @@ def setup(
     except (SetupError, httpx.HTTPError, OSError, TimeoutError) as exc:
         typer.echo(f"rabbit setup failed: {exc}", err=True)
         raise typer.Exit(1) from None
-    text = "\n".join(env_lines(admin_url, accounts, prefix)) + "\n"
-    if out is None:
-        typer.echo(text, nl=False)
-    else:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+    hand_out(env_lines(admin_url, accounts, prefix), out)
     typer.echo(
         f"declared the topology of vhost {vhost_of(admin_url)!r}; {len(accounts)} users", err=True
     )

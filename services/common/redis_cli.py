@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated
 
 import redis
 import typer
 
-from services.common.private_file import write_private
 from services.common.redis_access import Server, apply, env_lines, plan
+from services.common.setup_options import OutOption, PrefixOption, RotateOption, hand_out
 
 redis_app = typer.Typer(no_args_is_help=True)
 
@@ -43,11 +42,9 @@ def setup(
     producer: Annotated[
         list[str], typer.Option(help="A producer name (repeat); its user may only read streams.")
     ] = [],  # noqa: B006
-    prefix: Annotated[str, typer.Option(help="Prefix of the user names.")] = "first-",
-    rotate: Annotated[bool, typer.Option(help="Give existing users new passwords.")] = False,
-    out: Annotated[
-        Path | None, typer.Option(help="Write the env lines here (mode 0600), not to stdout.")
-    ] = None,
+    prefix: PrefixOption = "first-",
+    rotate: RotateOption = False,
+    out: OutOption = None,
     timeout_s: Annotated[float, typer.Option(help="Bound on each Redis call.")] = 10.0,
 ) -> None:
     """Make the users gateway, batch-worker, router, accounting, supervisor, keys, site-<id> and
@@ -61,11 +58,7 @@ def setup(
     except (ValueError, redis.RedisError, OSError) as exc:
         typer.echo(f"redis setup failed: {exc}", err=True)
         raise typer.Exit(1) from None
-    text = "\n".join(env_lines(admin_url, accounts)) + "\n"
-    if out is None:
-        typer.echo(text, nl=False)
-    else:
-        write_private(out, text)
+    hand_out(env_lines(admin_url, accounts), out)
     typer.echo(f"{len(accounts)} users on {len(admin_url)} server(s)", err=True)
     for where in unsaved:
         typer.echo(

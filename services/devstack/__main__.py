@@ -18,6 +18,7 @@ import httpx
 from services.access import apikeys
 from services.common.db import make_engine
 from services.common.logging import configure_logging
+from services.common.private_file import write_private
 from services.common.rabbit_access import SetupError
 from services.common.settings import CommonSettings
 from services.devstack.procs import REPO, ProcessGroup, StartupError
@@ -129,7 +130,8 @@ def main() -> None:
         start_services(group, config)
         token = mint_demo_token(globus_url)
         key = asyncio.run(_dev_key(database_url, _previous_key(state / "dev.env")))
-        (state / "dev.env").write_text(f"FIRST_BASE_URL={config.base_url}\nFIRST_API_KEY={key}\n")
+        # An admin key: readable by its owner only (a login node has other users).
+        write_private(state / "dev.env", f"FIRST_BASE_URL={config.base_url}\nFIRST_API_KEY={key}\n")
         print(f"\nFIRST is up.\n  FIRST_BASE_URL={config.base_url}\n  FIRST_API_KEY={key}")
         print(f"  a Globus access token (local stand-in, demo@anl.gov): {token}")
         print(

@@ -8,13 +8,13 @@ of `first rabbit setup`; every service then runs as its own user. New passwords 
 from __future__ import annotations
 
 import asyncio
-import os
 import urllib.parse
 from pathlib import Path
 
 import httpx
 
 from services.common.broker import amqp_user
+from services.common.private_file import write_private
 from services.common.rabbit_access import ManagementApi, apply, env_lines, envs, plan
 from services.common.rabbit_cli import declare_all, management_url
 
@@ -52,10 +52,7 @@ def dev_rabbit_users(
         api.permit_all(auth[0])
         asyncio.run(declare_all(vhost_url, [site_id], timeout_s))
         accounts = apply(api, grants, rotate=True)
-    fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        os.fchmod(handle.fileno(), 0o600)
-        handle.write("\n".join(env_lines(vhost_url, accounts, prefix)) + "\n")
+    write_private(env_file, "\n".join(env_lines(vhost_url, accounts, prefix)) + "\n")
     return {
         SERVICE_OF_ROLE.get(grant.role, grant.role): env
         for grant, env in envs(vhost_url, accounts, prefix)

@@ -18,6 +18,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from services.common.private_file import write_private
+
 KEY_BYTES = 32
 """Entropy of a key (secrets.token_urlsafe: 43 characters)."""
 
@@ -34,18 +36,11 @@ def new_key() -> str:
 def write_key(path: Path, key: str) -> None:
     """Write `key` to `path` (mode 0600) in a folder made owner-only (0700).
 
-    The file is created 0600 before anything is written to it and renamed into place, so
-    the key is never readable by others, not even for a moment.
+    The key never lies in a file others can read, not even for a moment (`write_private`).
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)  # mkdir's mode does not apply to a folder that exists
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, key.encode() + b"\n")
-    finally:
-        os.close(fd)
-    tmp.replace(path)
+    write_private(path, key + "\n")
 
 
 def read_key(path: Path) -> str:

@@ -12,11 +12,13 @@ import secrets
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import httpx
+from aio_pika.abc import AbstractChannel
 
 from tests.conftest import RABBIT_API, _rabbit_auth
 
@@ -78,3 +80,17 @@ def least_privilege_users(
             for url in users.urls.values():
                 user = urllib.parse.unquote(urllib.parse.urlsplit(url).username or "")
                 api.delete(f"/users/{urllib.parse.quote(user, safe='')}")
+
+
+Operation = Callable[[AbstractChannel], Awaitable[object]]
+"""Something a user tries on a channel of its own (a publish, a bind, a consume)."""
+
+
+async def attempt(url: str, operation: Operation) -> None:
+    """Run `operation` on a fresh connection as the user of `url` (raises what it raises)."""
+    connection = await aio_pika.connect(url, timeout=10)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await operation(channel)
+    finally:
+        await connection.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -20,7 +20,7 @@ from aio_pika.exceptions import ChannelClosed
 
 from schemas import names
 from services.common.rabbit_access import DEFAULT_EXCHANGE, grant_for, plan
-from tests.common.rabbit_users import Users, least_privilege_users
+from tests.common.rabbit_users import Operation, Users, attempt, least_privilege_users
 from tests.conftest import RABBIT_API
 
 
@@ -100,9 +100,6 @@ def users(
         yield admin_url, made
 
 
-Operation = Callable[[AbstractChannel], Awaitable[object]]
-
-
 async def publish_to(channel: AbstractChannel, exchange: str) -> None:
     target = await channel.get_exchange(exchange, ensure=False)
     await target.publish(aio_pika.Message(b"x"), routing_key="x", timeout=5)
@@ -119,15 +116,6 @@ async def consume_from(channel: AbstractChannel, queue: str) -> None:
 
 async def declare(channel: AbstractChannel, queue: str) -> None:
     await channel.declare_queue(queue, durable=True, timeout=5)
-
-
-async def attempt(url: str, operation: Operation) -> None:
-    connection = await aio_pika.connect(url, timeout=10)
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        await operation(channel)
-    finally:
-        await connection.close()
 
 
 REFUSED: list[tuple[str, str, Operation]] = [

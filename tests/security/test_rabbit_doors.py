@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -38,7 +38,7 @@ from services.producer.client import Producer
 from services.router.app import create_app as create_router
 from services.router.settings import Settings as RouterSettings
 from services.site_agent.settings import Settings as AgentSettings
-from tests.common.rabbit_users import Users, least_privilege_users
+from tests.common.rabbit_users import Users, attempt, least_privilege_users
 from tests.conftest import RABBIT_API, _rabbit_auth
 from tests.site_agent.fake_backend import FakeBackend
 from tests.site_agent.helpers import (
@@ -79,18 +79,6 @@ async def open_reply_queue(users: Users, name: str) -> None:
     """Let producer `name` declare and bind its reply queue, as its own user (durable)."""
     async with Producer(users.urls[f"producer {name}"], None, "unused", reply_queue=REPLY_NAME):
         pass
-
-
-Operation = Callable[[AbstractChannel], Awaitable[object]]
-
-
-async def attempt(url: str, operation: Operation) -> None:
-    connection = await aio_pika.connect(url, timeout=10)
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        await operation(channel)
-    finally:
-        await connection.close()
 
 
 async def depths(admin_url: str, queues: list[str]) -> dict[str, int]:
