@@ -1,8 +1,8 @@
-"""Ledgers on SQLite and PostgreSQL."""
+"""Ledgers on SQLite and PostgreSQL, and a vhost per module."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -27,3 +27,10 @@ async def sqlite_ledger(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
     await create_schema(engine)
     yield engine
     await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def rabbit_url(new_rabbit_url: Callable[[], str]) -> str:
+    """A vhost of this module's own: the consumer tests count what waits in
+    first.accounting.usage, and must not see what another module left in the session's."""
+    return new_rabbit_url()
