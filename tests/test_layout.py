@@ -4,31 +4,20 @@ packages they share stay free of what they must not hold (read from the sources'
 from __future__ import annotations
 
 import ast
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.sources import ROOT, parse, python_files
+
 SERVICES = ("gateway", "router", "site_agent", "accounting")
 
 
 def imports_of(package: str) -> dict[str, set[str]]:
-    """Return, per module file of `services/<package>`, the modules it imports.
-
-    Parsed in a thread of its own: CPython 3.11's AST builder keeps a recursion count per
-    thread that an earlier RecursionError (the deep-JSON tests) can leave skewed, and then
-    refuses ("AST constructor recursion depth mismatch").
-    """
-    with ThreadPoolExecutor(max_workers=1) as fresh:
-        return fresh.submit(_imports_of, package).result(timeout=60)
-
-
-def _imports_of(package: str) -> dict[str, set[str]]:
+    """Return, per module file of `services/<package>`, the modules it imports."""
     found: dict[str, set[str]] = {}
-    for path in sorted((ROOT / "services" / package).rglob("*.py")):
+    for path in python_files(ROOT / "services" / package):
         names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(parse(path)):
             if isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -37,6 +37,7 @@ from services.gateway.inference import cancel
 from services.site_agent.cancel import CancelWatcher
 from services.site_agent.execution import LOOK_SCRIPT
 from tests.faults.privates import PrivateRedis
+from tests.sources import parse, python_files
 
 FORBIDDEN_TO_SITES = [
     names.apikey_cache_key("0" * 64),
@@ -96,8 +97,8 @@ SERVICES = Path(__file__).resolve().parents[2] / "services"
 def lua_scripts() -> list[tuple[str, str]]:
     """Every Lua script in services/ (a string constant that calls Redis), with its file."""
     found = []
-    for path in sorted(SERVICES.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+    for path in python_files(SERVICES):
+        for node in ast.walk(parse(path)):
             if isinstance(node, ast.Constant) and "redis.call(" in str(node.value):
                 found.append((str(path.relative_to(SERVICES)), str(node.value)))
     return found
