@@ -96,9 +96,16 @@ class Producer:
 
     async def __aenter__(self) -> Self:
         self._connection = await aio_pika.connect_robust(self._amqp_url, timeout=10)
-        self._channel = await self._connection.channel(
-            publisher_confirms=True, on_return_raises=True
-        )
+        try:
+            await self._open(self._connection)
+        except BaseException:
+            await self.__aexit__()  # a refused bind must not leave the connection behind
+            raise
+        return self
+
+    async def _open(self, connection: AbstractRobustConnection) -> None:
+        """Open the channel, find the ingress exchange, bind and consume the reply queue."""
+        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         # Passive: the producer's user may write to the exchange, not declare it.
         self._exchange = await self._channel.get_exchange(names.INGRESS_EXCHANGE, ensure=False)
         if self.reply_to:
@@ -112,7 +119,6 @@ class Producer:
             key = names.reply_routing_key(self.reply_to)
             await queue.bind(replies, routing_key=key, timeout=10)
             await queue.consume(self._on_reply, timeout=10)
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._connection is not None:
