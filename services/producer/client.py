@@ -7,7 +7,7 @@
 `submit` publishes an `IngressRequest` (persistent, mandatory, publisher-confirmed) to
 `first.ingress` with the credential in a header; at most `window` publishes await their
 confirm at once, which bounds the producer's memory and the broker's unconfirmed backlog.
-Request ids are UUIDv7s made here (74 random bits).
+Request ids are UUIDv7s made here (services.common.ids: 62 random bits).
 
 Results come one of two ways:
 - from each request's Redis stream, which only the holder of the id can find (the Redis user

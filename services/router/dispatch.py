@@ -22,6 +22,7 @@ replica's own.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -54,6 +55,22 @@ class Held:
     request: RunInference
     guess: Estimate
     held_since: float
+
+
+def in_age_order(queue: deque[Held], held: Held) -> None:
+    """Put `held` into its user's `queue`, oldest request first.
+
+    Deliveries are handled concurrently (aio-pika runs one task per delivery) and each waits
+    on Redis (the request id's reservation) before it is held, so lines may arrive here out of
+    the order they were published in; their ids are time-sortable UUIDv7s, so the id is the
+    age. Nearly always it goes last.
+    """
+    key = held.request.request_id
+    if not queue or queue[-1].request.request_id <= key:
+        queue.append(held)
+        return
+    index = bisect.bisect_right([h.request.request_id for h in queue], key)
+    queue.insert(index, held)
 
 
 class Dispatcher:
@@ -89,7 +106,7 @@ class Dispatcher:
         if not queue:
             self.vtc.arrive(request.user_id, waiting)
         held = Held(msg, request, estimate(request), time.time())
-        queue.append(held)
+        in_age_order(queue, held)
         self._ids[request.request_id] = held
         self._wake.set()
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,7 +23,8 @@ from services.access.settings import AccessSettings
 from services.common import topology
 from services.common.broker import publish
 from services.router.app import create_app
-from services.router.dispatch import Dispatcher
+from services.router.dispatch import Dispatcher, Held, in_age_order
+from services.router.fairness import estimate
 from services.router.registry import Registry
 from services.router.settings import Settings
 from tests.router.test_router import beat, submit, take
@@ -277,3 +280,14 @@ async def test_the_router_holds_batch_lines_up_to_its_batch_prefetch_not_the_def
         await wait_for(lambda: dispatcher.held() >= 100)  # with earlier tests' leftovers, more
     taken = {r.request_id for r in await drain(channel, names.ROUTER_BATCH_QUEUE)}
     assert taken >= {line.request_id for line in lines}  # none lost; none left for later tests
+
+
+def test_a_users_lines_are_held_oldest_first_whatever_order_they_arrive_in() -> None:
+    """Deliveries are handled concurrently, so lines can reach the dispatcher out of order."""
+    lines = [batch_line("m") for _ in range(8)]  # ids in the order they were made
+    arrivals = lines[:]
+    random.Random(7).shuffle(arrivals)
+    queue: deque[Held] = deque()
+    for line in arrivals:
+        in_age_order(queue, Held(msg=None, request=line, guess=estimate(line), held_since=0.0))  # type: ignore[arg-type]
+    assert [h.request.request_id for h in queue] == [line.request_id for line in lines]
