@@ -57,3 +57,13 @@ def test_access_holds_no_http_and_no_broker_and_no_service() -> None:
         *(f"services.{name}" for name in SERVICES),
     )
     assert offenders("access", forbidden) == []
+
+
+def test_every_package_ships_in_a_wheel() -> None:
+    """`pip install .` (the compose image) finds packages by their __init__.py: a folder of
+    modules without one would be left out of the image and work only from a checkout."""
+    folders = {path.parent for path in python_files(ROOT / "services")}
+    folders |= {path.parent for path in python_files(ROOT / "schemas")}
+    assert (
+        sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").exists()) == []
+    )
