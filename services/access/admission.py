@@ -20,7 +20,7 @@ from services.access.globus_auth import globus_from_settings
 from services.access.policy import may_use
 from services.access.principal import Principal
 from services.access.quotas import Quotas
-from services.access.request_ids import RequestIds, check_id, owner_of
+from services.access.request_ids import RequestIds, check_id
 from services.access.sealed import Sealer
 from services.access.settings import AccessSettings, CatalogueModel
 from services.access.validation import AnyRequest, check_max_tokens, include_usage, parse_body
@@ -115,8 +115,9 @@ class Access:
         now = time.time()
         check_id(ingress.request_id, now, self.settings.request_id_skew_s)
         parsed, entry = self.check(ingress.endpoint, ingress.body, principal)
-        owner = owner_of(principal.user_id, ingress.endpoint, ingress.body)
-        await self.request_ids.reserve(ingress.request_id, owner)
+        await self.request_ids.reserve_for(
+            ingress.request_id, principal.user_id, ingress.endpoint, ingress.body
+        )
         await self.quotas.admit(principal)  # last: a refused request counts against nothing
         return job_for(
             principal,

@@ -92,3 +92,7 @@ class RequestIds:
                 code="duplicate_request_id",
                 param="request_id",
             )
+
+    async def reserve_for(self, request_id: str, user_id: str, endpoint: str, body: bytes) -> None:
+        """Reserve `request_id` for `user_id` asking `endpoint` with `body` (see `owner_of`)."""
+        await self.reserve(request_id, owner_of(user_id, endpoint, body))

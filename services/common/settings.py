@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import AliasChoices, Field
@@ -9,6 +10,8 @@ from pydantic_settings import (
     BaseSettings,
     SettingsConfigDict,
 )
+
+from services.common.broker import amqp_user
 
 
 def shared(default: Any, env: str) -> Any:
@@ -33,3 +36,8 @@ class CommonSettings(BaseSettings):
     `first rabbit setup` and the service's user may not (services/common/rabbit_access.py)."""
     site_ttl_s: float = shared(15.0, "SITE_TTL_S")
     """A site without a heartbeat for this long is not live."""
+
+    def or_own_user(self, users: Iterable[str]) -> frozenset[str]:
+        """Return the RabbitMQ users a service trusts to send it something: `users`, or, when
+        none are configured, its own (a deployment where every service shares one user)."""
+        return frozenset(users) or frozenset([amqp_user(self.rabbit_url)])

@@ -20,7 +20,7 @@ from schemas.messages import RunInference, StartModel
 from schemas.records import ErrorInfo
 from services.access.admission import Access
 from services.access.errors import ApiError, Unavailable
-from services.access.request_ids import DuplicateRequestId, owner_of
+from services.access.request_ids import DuplicateRequestId
 from services.common import replies, streams, topology
 from services.common.broker import PUBLISH_ERRORS, decode_or_reject, publish
 from services.common.logging import request_id_var, site_id_var, user_id_var
@@ -125,12 +125,11 @@ async def handle_request(msg: RabbitMessage, deps: Deps, then: Then | None = Non
         return
     user_id_var.set(request.user_id)
     try:
-        owner = owner_of(request.user_id, request.endpoint, request.body)
-        await deps.access.request_ids.reserve(request.request_id, owner)
+        await deps.access.request_ids.reserve_for(
+            request.request_id, request.user_id, request.endpoint, request.body
+        )
     except RedisError as exc:
-        logger.warning("cannot reserve the request id now, requeueing: %r", exc)
-        await asyncio.sleep(deps.settings.retry_delay_s)
-        await msg.nack(requeue=True)
+        await requeue_later(msg, deps, "reserve the request id", exc)
         return
     except DuplicateRequestId as exc:
         await refuse(msg, deps, request.request_id, exc.info(), request.reply_to, own=False)
@@ -156,9 +155,7 @@ async def handle_ingress(msg: RabbitMessage, deps: Deps) -> None:
             first_record_timeout_s=deps.settings.first_record_timeout_s,
         )
     except (Unavailable, RedisError) as exc:  # cannot decide now (Globus, Redis): later
-        logger.warning("cannot admit now, requeueing: %r", exc)
-        await asyncio.sleep(deps.settings.retry_delay_s)
-        await msg.nack(requeue=True)
+        await requeue_later(msg, deps, "admit", exc)
         return
     except ApiError as exc:
         # An id refused as an id (malformed, stale, someone else's) may name a stream the
@@ -170,6 +167,14 @@ async def handle_ingress(msg: RabbitMessage, deps: Deps) -> None:
         return
     user_id_var.set(request.user_id)
     await route(msg, deps, request)
+
+
+async def requeue_later(msg: RabbitMessage, deps: Deps, what: str, exc: BaseException) -> None:
+    """Give `msg` back to its queue after a pause: it cannot be decided now (Redis, Globus or
+    the broker away); the queue's delivery limit bounds how often."""
+    logger.warning("cannot %s now, requeueing: %r", what, exc)
+    await asyncio.sleep(deps.settings.retry_delay_s)
+    await msg.nack(requeue=True)
 
 
 async def refuse(
@@ -206,9 +211,7 @@ async def refuse(
             reply = replies.refusal(request_id, error)
             await replies.send_reply(deps.broker, reply_to, reply, deps.settings.publish_timeout_s)
     except REFUSE_ERRORS as exc:
-        logger.warning("cannot refuse now, requeueing: %r", exc)
-        await asyncio.sleep(deps.settings.retry_delay_s)
-        await msg.nack(requeue=True)
+        await requeue_later(msg, deps, "refuse", exc)
         return
     await msg.ack()
     metrics.FAILED.labels("refused").inc()

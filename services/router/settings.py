@@ -7,7 +7,6 @@ import secrets
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.broker import amqp_user
 from services.common.settings import CommonSettings
 from services.router.policy import Policy
 
@@ -66,10 +65,8 @@ class Settings(CommonSettings):
 
     def trusted_publishers(self) -> frozenset[str]:
         """Return the users whose first.requests messages are served."""
-        return frozenset(self.request_publishers or [amqp_user(self.rabbit_url)])
+        return self.or_own_user(self.request_publishers)
 
     def site_users(self, site_id: str) -> frozenset[str]:
         """Return the users whose heartbeats may speak for `site_id`."""
-        if self.site_user_prefix:
-            return frozenset([self.site_user_prefix + site_id])
-        return frozenset([amqp_user(self.rabbit_url)])
+        return self.or_own_user([self.site_user_prefix + site_id] if self.site_user_prefix else [])

@@ -8,7 +8,6 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.broker import amqp_user
 from services.common.settings import CommonSettings
 
 
@@ -68,4 +67,4 @@ class Settings(CommonSettings):
 
     def trusted_routers(self) -> frozenset[str]:
         """Return the users whose work and control messages are taken."""
-        return frozenset(self.router_users or [amqp_user(self.rabbit_url)])
+        return self.or_own_user(self.router_users)
