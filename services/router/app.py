@@ -134,6 +134,7 @@ def create_app(settings: Settings, access: AccessSettings) -> FastAPI:
             yield
         finally:
             metrics.SITES.detach(registry)
+            mover.stopping = True
             tasks = {sweeper, moving, dispatching}
             for task in tasks:
                 task.cancel()
@@ -171,9 +172,17 @@ MOVER_ERRORS: tuple[type[BaseException], ...] = (*PUBLISH_ERRORS, RedisError)
 
 
 async def run_mover(mover: Mover, interval_s: float) -> None:
-    """Empty dead sites' queues every `interval_s` until cancelled (failures: next round)."""
-    while True:
+    """Empty dead sites' queues every `interval_s` until stopped (failures: next round).
+
+    It ends on `mover.stopping`, not on the cancel alone: a cancel that lands while
+    aio_pika.connect is inside its wait_for can be swallowed (Python 3.11), and a mover left
+    running after its router made a new connection every round — with a user deleted since,
+    each a refused login whose half-made connection a collector later finalised in another
+    thread ("coroutine 'Connection.close' was never awaited")."""
+    while not mover.stopping:
         await asyncio.sleep(interval_s)
+        if mover.stopping:
+            return
         try:
             await mover.round()
         except MOVER_ERRORS as exc:

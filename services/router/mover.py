@@ -50,6 +50,8 @@ class Mover:
         self._dead: dict[str, float] = {}
         self._get_timeout_s = get_timeout_s
         self._connection: AbstractConnection | None = None
+        self.stopping = False
+        """Set when the router stops: no more rounds, no new connection (see `run_mover`)."""
 
     async def _open_channel(self) -> AbstractChannel:
         """A channel of the mover's own connection: RabbitMQ closes a channel that looks for a
@@ -65,7 +67,8 @@ class Mover:
         return await asyncio.wait_for(self._connection.channel(), timeout)
 
     async def close(self) -> None:
-        """Close the connection (bounded)."""
+        """Stop for good and close the connection (bounded)."""
+        self.stopping = True
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(TimeoutError, *PUBLISH_ERRORS):
@@ -82,6 +85,8 @@ class Mover:
 
     async def round(self) -> int:
         """Move what waits in every dead site's queues; return how many requests moved."""
+        if self.stopping:
+            return 0
         now = time.time()
         moved = 0
         for site_id, since in list(self._dead.items()):
